@@ -1,0 +1,175 @@
+"""The one composition: (rollout cache, plan, model) → reward input ``y``, weight ``w``, diagnostics.
+
+Spec section 2, general form::
+
+    x̂_b = conn(x̂_a, x_a) + Σ_terms ω_i·ṽ_i          for each segment [a, b)
+    ṽ_i = scale(v_θ(input_i, σ_i), c_i)  (i active),  sg(v_i) otherwise
+    input_i = bridge(conn(x̂_i, x_i), α)  at a split with α > 0,  sg(x_i) otherwise
+    y = conn(x̂_N, x_N)   or, for a posterior mean, x̂_N of the final leap itself
+
+Every method is this loop over its plan; there are no per-method copies. Active velocities
+are memoised: in the one-pass form the rollout asks for them at their own step (the forward
+with gradient replaces the no-grad one), in the two-pass form the composition asks after
+the rollout. The gradient is the same; only the number of forwards differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from flowbp_ops.surrogate.ops import bridge, connector, per_sample_mean_abs, scale_grad
+from flowbp_ops.surrogate.plan import Plan
+from flowbp_ops.surrogate.rollout import Denoiser, RolloutCache, euler_step, rollout
+
+
+@dataclass
+class SurrogateOutput:
+    y: Tensor  # the reward model's input, (B·(1 + lv_copies), ...)
+    w: Tensor  # per-sample weight, detached, (B·(1 + lv_copies),)
+    plan: Plan
+    cache: RolloutCache
+    residuals: dict[int, Tensor]  # connector residual d_b = mean|x̂_b − x_b| per sample, per split b
+    composition_error: float  # max|x̂_N − x_N| before the final connector (0 when no endpoint)
+    grad_forwards: int  # gradient-carrying model forwards actually run
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def d_j(self) -> Tensor | None:
+        return self.residuals.get(self.plan.split) if self.plan.split is not None else None
+
+    @property
+    def d_0(self) -> Tensor | None:
+        return self.residuals.get(self.plan.n_steps)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Scalars for logging."""
+        out = {"active": self.plan.active, "composition_error": self.composition_error,
+               "grad_forwards": self.grad_forwards, **{f"time_{k}": v for k, v in self.timings.items()}}
+        if self.d_j is not None:
+            out["d_j"] = float(self.d_j.mean())
+        if self.d_0 is not None:
+            out["d_0"] = float(self.d_0.mean())
+        return out
+
+
+class Composer:
+    def __init__(self, plan: Plan, denoiser: Callable, cond: Any, cache: RolloutCache):
+        self.plan, self.denoiser, self.cond, self.cache = plan, denoiser, cond, cache
+        self.velocities: dict[int, Tensor] = {}
+        self.states: dict[int, Tensor] = {}  # connected state at each segment boundary
+        self.x_hat: dict[int, Tensor] = {}  # the composed (pre-connector) state at each boundary
+        self.grad_forwards = 0
+        self.forward_seconds = 0.0
+        self._bridged = plan.bridged
+
+    # -- model forwards with gradient ------------------------------------------------------
+    def _forward(self, x_in: Tensor, sigma: float) -> Tensor:
+        self.grad_forwards += 1
+        t0 = time.perf_counter()
+        fn = lambda x: self.denoiser(x, sigma, self.cond)  # noqa: E731
+        with torch.enable_grad():
+            v = checkpoint(fn, x_in, use_reentrant=False) if self.plan.checkpoint else fn(x_in)
+        self.forward_seconds += time.perf_counter() - t0
+        return v.float()
+
+    def velocity(self, i: int) -> Tensor:
+        """The raw (unscaled) velocity at active step ``i``, forwarded with gradient once."""
+        if i not in self.velocities:
+            alpha = self._bridged.get(i)
+            x_in = bridge(self.state(i), alpha) if alpha else self.cache.x[i].detach()
+            self.velocities[i] = self._forward(x_in, self.plan.sigmas[i])
+        return self.velocities[i]
+
+    # -- composition -----------------------------------------------------------------------
+    def state(self, b: int) -> Tensor:
+        """``conn(x̂_b, x_b)`` at a segment boundary (the cached ``x_b`` at the first start)."""
+        if b in self.states:
+            return self.states[b]
+        first = self.plan.segments[0].start
+        if b == first:
+            self.states[b] = self.cache.x[b].detach()
+            return self.states[b]
+        seg = next(s for s in self.plan.segments if s.end == b)
+        x_hat = self.state(seg.start)
+        for t in seg.terms:
+            v = scale_grad(self.velocity(t.index), t.scale) if t.active else self.cache.v[t.index]
+            x_hat = euler_step(x_hat, t.weight, v)
+        self.x_hat[b] = x_hat
+        if b < len(self.cache.x):  # a cached state exists: pin the forward value to it
+            self.states[b] = connector(x_hat, self.cache.x[b])
+        else:  # posterior mean beyond where the rollout stopped: the value is x̂ itself
+            self.states[b] = x_hat
+        return self.states[b]
+
+    def finish(self) -> SurrogateOutput:
+        plan, cache = self.plan, self.cache
+        N = plan.n_steps
+        end = self.state(N)
+        if plan.reward_input == "endpoint":
+            y = end  # = conn(x̂_N, x_N): the cached endpoint, bit for bit
+        else:
+            y = self.x_hat[N]  # the posterior mean of the final leap
+        residuals = {
+            b: per_sample_mean_abs(self.x_hat[b], cache.x[b]) for b in self.x_hat if b < len(cache.x)
+        }
+        comp_err = float((self.x_hat[N].detach() - cache.x[N]).abs().max()) if N < len(cache.x) else 0.0
+        batch = y.shape[0]
+        if plan.trajectory_tau is not None and residuals:
+            # w = 1 / Σ_b max(d_b, τ_w) over the connectors (LeapAlign: d_j and d_0), stop-grad
+            w = 1.0 / sum(d.clamp_min(plan.trajectory_tau) for d in residuals.values())
+        else:
+            w = torch.ones(batch, device=y.device)
+        if plan.lv_copies:
+            y, w = self._lv_copies(y, w)
+        return SurrogateOutput(y=y, w=w.detach(), plan=plan, cache=cache, residuals=residuals,
+                               composition_error=comp_err, grad_forwards=self.grad_forwards)
+
+    def _lv_copies(self, y0: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        """DRaFT-LV: ``x' = (1−σ)·sg(y_0) + σ·ε_m``, ``y_m = x' − σ·v_θ(x')`` at the posterior step."""
+        tau = self.plan.segments[-1].start
+        sigma = self.plan.sigmas[tau]
+        gen = torch.Generator().manual_seed(self.plan.seed)
+        ys = [y0]
+        for _ in range(self.plan.lv_copies):
+            eps = torch.randn(y0.shape, generator=gen).to(y0.device, y0.dtype)
+            x_prime = (1 - sigma) * y0.detach() + sigma * eps
+            ys.append(x_prime - sigma * self._forward(x_prime, sigma))
+        return torch.cat(ys), w.repeat(len(ys))
+
+
+def surrogate_step(
+    denoiser: Callable, plan: Plan, x0: Tensor | None, cond: Any, cache: RolloutCache | None = None
+) -> SurrogateOutput:
+    """Run one training step's forward: the rollout (unless a ``cache`` is given) and the composition.
+
+    With ``plan.one_pass`` the active forwards run inside the rollout (N forwards in all);
+    otherwise the rollout is fully no-grad and the composition re-forwards (N + |A|).
+    A given ``cache`` (a stored rollout) is always composed in the two-pass way.
+    """
+    if isinstance(denoiser, Denoiser):
+        denoiser = dataclasses.replace(denoiser, detach_neg=plan.cfg_detach_neg)
+    t0 = time.perf_counter()
+    if cache is not None:
+        if cache.n_steps != plan.n_steps or len(cache.v) < plan.rollout_steps:
+            raise ValueError(f"the cached rollout has {len(cache.v)} of N={cache.n_steps} steps; "
+                             f"the plan needs {plan.rollout_steps} of N={plan.n_steps}")
+        composer = Composer(plan, denoiser, cond, cache)
+        rollout_s = 0.0
+    else:
+        composer = Composer(plan, denoiser, cond, RolloutCache(sigmas=np.asarray(plan.sigmas)))
+        rollout(denoiser, x0, composer.cache.sigmas, cond, steps=plan.rollout_steps,
+                active_velocity=composer.velocity if plan.one_pass else None,
+                active=set(plan.active), cache=composer.cache)
+        rollout_s = time.perf_counter() - t0 - composer.forward_seconds
+    out = composer.finish()
+    out.timings = {"rollout": rollout_s, "surrogate_forward": time.perf_counter() - t0 - rollout_s}
+    return out
+
