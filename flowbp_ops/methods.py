@@ -93,8 +93,11 @@ def get_method(name: str, backbone: str = "sd35", n_steps: int = 25, overrides: 
         raise ConfigError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
     _, common, per_backbone = _PRESETS[name]
     data = _merge(copy.deepcopy(common), per_backbone.get(_HYPER_FROM.get(backbone, backbone), {}))
-    if data.get("active", {}).get("k") == "N":
-        data["active"]["k"] = n_steps
+    active = data.get("active", {})
+    if active.get("k") == "N":
+        active["k"] = n_steps
+    if active.get("sampler") == "uniform_last" and active.get("n", 0) > n_steps:
+        active["n"] = n_steps  # ReFL's "last 11" on a rollout shorter than 11 steps: all of them
     data["name"] = name
     cfg = validated(data)
     return cfg.with_overrides(overrides) if overrides else cfg

@@ -128,8 +128,8 @@ class MethodConfig(_Axis):
             need = 3 if a.jk == "dirichlet" else 2
             if N < need:
                 _fail("steps", N, f"at least {need} for a {a.jk} jk pair")
-            if a.rev_j_cap is not None and a.rev_j_cap > N - 1:
-                _fail("active.rev_j_cap", a.rev_j_cap, f"1..{N - 1}")
+            if a.rev_j_cap is not None and a.rev_j_cap < 2:  # rev_j = 1 + len_A with len_A ≥ 1
+                _fail("active.rev_j_cap", a.rev_j_cap, "at least 2 (a cap ≥ N − 1 never binds)")
         if a.sampler == "last_k":
             if a.k > N:
                 _fail("active.k", a.k, f"1..{N} (the last K of N={N} steps)")
