@@ -2,6 +2,8 @@ import json
 import math
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,7 +77,8 @@ def test_gradcheck_json(capsys):
 
 
 def test_installed_entry_point():
-    exe = shutil.which("flowbp")
+    beside = Path(sys.executable).parent / "flowbp"  # the venv's own script, whatever PATH says
+    exe = str(beside) if beside.exists() else shutil.which("flowbp")
     assert exe, "the flowbp console script is not installed"
     out = subprocess.run([exe, "plan", "--method", "refl", "--json"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["reward_input"] == "posterior_mean"

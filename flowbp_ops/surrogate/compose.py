@@ -84,7 +84,9 @@ class Composer:
         """The raw (unscaled) velocity at active step ``i``, forwarded with gradient once."""
         if i not in self.velocities:
             alpha = self._bridged.get(i)
-            x_in = bridge(self.state(i), alpha) if alpha else self.cache.x[i].detach()
+            # clone: cached states are views of one buffer the rollout keeps writing into, and
+            # autograd must not see the buffer's version counter move under a saved input
+            x_in = bridge(self.state(i), alpha) if alpha else self.cache.x[i].detach().clone()
             self.velocities[i] = self._forward(x_in, self.plan.sigmas[i])
         return self.velocities[i]
 

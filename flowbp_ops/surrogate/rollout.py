@@ -102,7 +102,12 @@ def rollout(
     N = len(sigmas) - 1
     steps = N if steps is None else steps
     cache = RolloutCache(sigmas=sigmas) if cache is None else cache
-    cache.x[:], cache.v[:] = [x0.detach().float()], []
+    # one contiguous buffer per kind, allocated once: the cache is 2·steps latents whatever the
+    # interleaving of the forwards' transient allocations (no per-step fragmentation)
+    xs = torch.empty((steps + 1, *x0.shape), dtype=torch.float32, device=x0.device)
+    vs = torch.empty((steps, *x0.shape), dtype=torch.float32, device=x0.device)
+    xs[0] = x0.detach()
+    cache.x[:], cache.v[:] = [xs[0]], []
     for i in range(steps):
         x = cache.x[i]
         if i in active and active_velocity is not None:
@@ -110,8 +115,10 @@ def rollout(
         else:
             with torch.no_grad():
                 v = denoiser(x, float(sigmas[i]), cond)
-        cache.v.append(v.float())
-        cache.x.append(euler_step(x, float(sigmas[i + 1] - sigmas[i]), cache.v[i]))
+        vs[i] = v
+        cache.v.append(vs[i])
+        xs[i + 1] = euler_step(x, float(sigmas[i + 1] - sigmas[i]), vs[i])
+        cache.x.append(xs[i + 1])
         if on_step is not None:
             on_step(i)
     return cache

@@ -1,0 +1,174 @@
+"""Surrogate benchmark on a small SD3-architecture DiT on CPU: memory and time per training step.
+
+For N in {10, 25, 50} and every method (one-pass, plus the two-pass form and full backprop
+for comparison) it measures
+
+* peak memory of one training step (rollout + composition + backward): the rise of the
+  process's peak resident set over its resident set just before the step (Linux VmHWM,
+  reset through /proc/self/clear_refs; glibc's mmap threshold is pinned so freed tensors
+  leave the resident set at once);
+* step time: per seed (each seed draws its own plan) the minimum of two runs, then the
+  median over seeds; the ratio to the limit likewise (noise on a shared 2-core VM only adds);
+* the physical limit measured in the same run: ``T_f·(rollout steps) + |A|·(T_fb − T_f)
+  + lv_copies·T_fb``, where ``T_f`` is a no-grad forward and ``T_fb`` a forward+backward with
+  gradient of the same denoiser call (real CFG, negative branch without gradient).
+
+Run: ``python bench/surrogate_bench.py`` (about 10 minutes on 2 CPU cores); it writes
+``bench/results/surrogate.json`` and prints the markdown table of ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # pin glibc's threshold, then re-exec
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch  # noqa: E402
+
+from flowbp_ops.backbones.schedules import get_schedule  # noqa: E402
+from flowbp_ops.backbones.sd3 import SD3Velocity, random_conditioning, tiny_sd3_transformer  # noqa: E402
+from flowbp_ops.methods import METHODS, get_method  # noqa: E402
+from flowbp_ops.surrogate import CFGCond, Denoiser, build_plan, surrogate_step  # noqa: E402
+
+# a "small DiT": 256 image tokens, hidden 128 (environment.md: ~29 ms forward at batch 4)
+BENCH_DIT = dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
+                 num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128,
+                 pooled_projection_dim=64, pos_embed_max_size=32)
+_libc = ctypes.CDLL("libc.so.6")
+
+
+def _status_kb(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def measure(fn):
+    """(seconds, peak MB above the resident set before the call)."""
+    gc.collect()
+    _libc.malloc_trim(0)
+    before = _status_kb("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    return seconds, (_status_kb("VmHWM:") - before) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
+    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "custom"])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/surrogate.json")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    model = tiny_sd3_transformer(0, **BENCH_DIT)
+    params = [p for p in model.parameters()]
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(args.batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    cond = CFGCond(random_conditioning(model, args.batch, seed=1), random_conditioning(model, args.batch, seed=2))
+    den = Denoiser(SD3Velocity(model), cfg_scale=3.5)
+    u = torch.randn(x0.shape[1:], generator=g)
+
+    def loss_of(out):
+        return (out.w * -torch.tanh(out.y * u).flatten(1).mean(1)).mean()
+
+    # the unit costs of the physical limit, in this process
+    def fwd():
+        with torch.no_grad():
+            den(x0, 0.5, cond)
+
+    def fwd_bwd():
+        v = den(x0, 0.5, cond)
+        torch.autograd.grad((v * u).sum(), params, allow_unused=True)
+
+    def unit_costs():
+        """(T_f, T_fb): minima of 5, measured right before each row so drift cancels."""
+        return min(measure(fwd)[0] for _ in range(5)), min(measure(fwd_bwd)[0] for _ in range(5))
+
+    for _ in range(3):
+        fwd(), fwd_bwd()
+    t_f, t_fb = unit_costs()
+    print(f"no-grad forward {t_f * 1e3:.1f} ms, forward+backward {t_fb * 1e3:.1f} ms", flush=True)
+
+    variants = [(m, {}) for m in args.methods]
+    variants += [(f"{m} (two-pass)", {"execution.one_pass": False}) for m in ("flowbp_sparse", "flowbp_lagrange")]
+    rows = []
+    for n in args.steps:
+        sigmas = get_schedule("tiny").sigmas(n)
+        full = [("full backprop", {"active.k": n, "execution.checkpoint": False}),
+                ("full backprop (checkpointed)", {"active.k": n})]
+        for label, overrides in variants + full:
+            method = label.split(" ")[0] if not label.startswith("full") else "draft_k"
+            cfg = get_method(method, "tiny", n, overrides=overrides)
+            times, peaks, limits = [], [], []
+            t_f, t_fb = unit_costs()
+            for seed in range(args.seeds):
+                plan = build_plan(cfg, sigmas, seed)
+
+                def step():
+                    out = surrogate_step(den, plan, x0, cond)
+                    torch.autograd.grad(loss_of(out), params, allow_unused=True)
+
+                if seed == 0:
+                    step()  # warm-up
+                runs = [measure(step) for _ in range(2)]  # min of 2: timing noise only ever adds
+                times.append(min(s for s, _ in runs))
+                peaks.append(max(mb for _, mb in runs))
+                limits.append(t_f * plan.rollout_steps + len(plan.active) * (t_fb - t_f) + plan.lv_copies * t_fb)
+            row = {"method": label, "steps": n, "active": len(plan.active), "t_f": t_f, "t_fb": t_fb,
+                   "step_s": statistics.median(times),
+                   "limit_s": statistics.median(limits),
+                   "ratio": statistics.median(t / lim for t, lim in zip(times, limits)),
+                   "peak_mb": max(peaks)}
+            rows.append(row)
+            print(f"N={n:3d} {label:32s} |A|={row['active']:3d} step {row['step_s']:.3f}s "
+                  f"limit {row['limit_s']:.3f}s ratio {row['ratio']:.3f} peak {row['peak_mb']:.1f} MB", flush=True)
+
+    result = {"device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+              "torch": torch.__version__, "model": "SD3Transformer2DModel " + json.dumps(BENCH_DIT),
+              "batch": args.batch, "cfg_scale": 3.5, "seeds": args.seeds,
+              "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print()
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    steps = sorted({r["steps"] for r in rows})
+    by = {(r["method"], r["steps"]): r for r in rows}
+    labels = list(dict.fromkeys(r["method"] for r in rows))
+    head = "| method | " + " | ".join(f"N={n}: step s (×limit) | peak MB" for n in steps) + \
+           f" | peak growth N={steps[0]}→{steps[-1]} |"
+    lines = [head, "|" + "---|" * (2 * len(steps) + 2)]
+    for lab in labels:
+        cells = []
+        for n in steps:
+            r = by[(lab, n)]
+            cells += [f"{r['step_s']:.3f} ({r['ratio']:.2f}×)", f"{r['peak_mb']:.1f}"]
+        growth = by[(lab, steps[-1])]["peak_mb"] / max(by[(lab, steps[0])]["peak_mb"], 1e-9) - 1
+        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {growth * 100:+.0f}% |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
