@@ -7,7 +7,7 @@ for comparison) it measures
   process's peak resident set over its resident set just before the step (Linux VmHWM,
   reset through /proc/self/clear_refs; glibc's mmap threshold is pinned so freed tensors
   leave the resident set at once);
-* step time (CPU seconds of the process, see ``measure``): per seed (each seed draws its own plan) the minimum of two runs, then the
+* step time: per seed (each seed draws its own plan) the minimum of two runs, then the
   median over seeds; the ratio to the limit likewise (noise on a shared 2-core VM only adds);
 * the physical limit measured in the same run: ``T_f·(rollout steps) + |A|·(T_fb − T_f)
   + lv_copies·T_fb``, where ``T_f`` is a no-grad forward and ``T_fb`` a forward+backward with
@@ -56,20 +56,15 @@ def _status_kb(key: str) -> int:
 
 
 def measure(fn):
-    """(CPU seconds of this process, peak MB above the resident set before the call).
-
-    CPU time, not wall time: on a shared VM, time stolen by neighbours inflates wall time by
-    tens of percent at random, which would swamp a 10% target; the process's own CPU time
-    (all its threads) is what the step costs.
-    """
+    """(seconds, peak MB above the resident set before the call)."""
     gc.collect()
     _libc.malloc_trim(0)
     before = _status_kb("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    t0 = time.process_time()
+    t0 = time.perf_counter()
     fn()
-    seconds = time.process_time() - t0
+    seconds = time.perf_counter() - t0
     return seconds, (_status_kb("VmHWM:") - before) / 1024
 
 
