@@ -7,13 +7,15 @@ for comparison) it measures
   process's peak resident set over its resident set just before the step (Linux VmHWM,
   reset through /proc/self/clear_refs; glibc's mmap threshold is pinned so freed tensors
   leave the resident set at once);
-* step time: per seed (each seed draws its own plan) the minimum of two runs, then the
-  median over seeds; the ratio to the limit likewise (noise on a shared 2-core VM only adds);
+* step time: the median of two runs for each of 3 seeds (each seed draws its own plan);
+  the ratio to the limit is the median of per-run ratios, each against unit costs measured
+  just before that run (the VM's speed drifts by tens of percent over seconds); torch runs
+  on one thread by default, which leaves a core to the OS;
 * the physical limit measured in the same run: ``T_f·(rollout steps) + |A|·(T_fb − T_f)
   + lv_copies·T_fb``, where ``T_f`` is a no-grad forward and ``T_fb`` a forward+backward with
   gradient of the same denoiser call (real CFG, negative branch without gradient).
 
-Run: ``python bench/surrogate_bench.py`` (about 10 minutes on 2 CPU cores); it writes
+Run: ``python bench/surrogate_bench.py`` (about 20 minutes on 2 CPU cores); it writes
 ``bench/results/surrogate.json`` and prints the markdown table of ``bench/RESULTS.md``.
 """
 
@@ -74,9 +76,11 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "custom"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 leaves a core to the OS and makes timings far steadier on 2 cores")
     ap.add_argument("--out", default="bench/results/surrogate.json")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     model = tiny_sd3_transformer(0, **BENCH_DIT)
     params = [p for p in model.parameters()]
@@ -100,47 +104,55 @@ def main() -> None:
         torch.autograd.grad((v * u).sum(), params, allow_unused=True)
 
     def unit_costs():
-        """(T_f, T_fb): minima of 5, measured right before each row so drift cancels."""
-        return min(measure(fwd)[0] for _ in range(5)), min(measure(fwd_bwd)[0] for _ in range(5))
+        """(T_f, T_fb): medians of 3, measured right before every timed step so drift cancels."""
+        return (statistics.median(measure(fwd)[0] for _ in range(3)),
+                statistics.median(measure(fwd_bwd)[0] for _ in range(3)))
 
     for _ in range(3):
         fwd(), fwd_bwd()
     t_f, t_fb = unit_costs()
     print(f"no-grad forward {t_f * 1e3:.1f} ms, forward+backward {t_fb * 1e3:.1f} ms", flush=True)
 
-    variants = [(m, {}) for m in args.methods]
-    variants += [(f"{m} (two-pass)", {"execution.one_pass": False}) for m in ("flowbp_sparse", "flowbp_lagrange")]
+    variants = [(m, m, {}) for m in args.methods]
+    variants += [(f"{m} (two-pass)", m, {"execution.one_pass": False}) for m in ("flowbp_sparse", "flowbp_lagrange")]
+    variants += [("full backprop", "draft_k", {"active.k": "N", "execution.checkpoint": False}),
+                 ("full backprop (checkpointed)", "draft_k", {"active.k": "N"})]
     rows = []
-    for n in args.steps:
-        sigmas = get_schedule("tiny").sigmas(n)
-        full = [("full backprop", {"active.k": n, "execution.checkpoint": False}),
-                ("full backprop (checkpointed)", {"active.k": n})]
-        for label, overrides in variants + full:
-            method = label.split(" ")[0] if not label.startswith("full") else "draft_k"
-            cfg = get_method(method, "tiny", n, overrides=overrides)
-            times, peaks, limits = [], [], []
-            t_f, t_fb = unit_costs()
+    # one variant at a time over all N, the big full-backprop steps last, so that every
+    # row's memory baseline is alike (no heap left fragmented by a larger step before it)
+    for label, method, overrides in variants:
+        for n in args.steps:
+            sigmas = get_schedule("tiny").sigmas(n)
+            cfg = get_method(method, "tiny", n, overrides={k: (n if v == "N" else v) for k, v in overrides.items()})
+            times, peaks, limits, cache_mb, units = [], [], [], [], []
             for seed in range(args.seeds):
                 plan = build_plan(cfg, sigmas, seed)
 
                 def step():
                     out = surrogate_step(den, plan, x0, cond)
                     torch.autograd.grad(loss_of(out), params, allow_unused=True)
+                    # the rollout cache (x_0..x_n, v_0..v_{n-1}): by design 2 latents per step
+                    cache_mb.append(sum(t[0].untyped_storage().nbytes() for t in (out.cache.x, out.cache.v)) / 2**20)
 
                 if seed == 0:
                     step()  # warm-up
-                runs = [measure(step) for _ in range(2)]  # min of 2: timing noise only ever adds
-                times.append(min(s for s, _ in runs))
-                peaks.append(max(mb for _, mb in runs))
-                limits.append(t_f * plan.rollout_steps + len(plan.active) * (t_fb - t_f) + plan.lv_copies * t_fb)
-            row = {"method": label, "steps": n, "active": len(plan.active), "t_f": t_f, "t_fb": t_fb,
-                   "step_s": statistics.median(times),
-                   "limit_s": statistics.median(limits),
+                for _ in range(2):
+                    t_f, t_fb = unit_costs()
+                    units.append((t_f, t_fb))
+                    limit = t_f * plan.rollout_steps + len(plan.active) * (t_fb - t_f) + plan.lv_copies * t_fb
+                    s, mb = measure(step)
+                    times.append(s)
+                    peaks.append(mb)
+                    limits.append(limit)
+            row = {"method": label, "steps": n, "active": len(plan.active),
+                   "t_f": statistics.median(u[0] for u in units), "t_fb": statistics.median(u[1] for u in units),
+                   "step_s": statistics.median(times), "limit_s": statistics.median(limits),
                    "ratio": statistics.median(t / lim for t, lim in zip(times, limits)),
-                   "peak_mb": max(peaks)}
+                   "peak_mb": max(peaks), "cache_mb": max(cache_mb)}
             rows.append(row)
-            print(f"N={n:3d} {label:32s} |A|={row['active']:3d} step {row['step_s']:.3f}s "
-                  f"limit {row['limit_s']:.3f}s ratio {row['ratio']:.3f} peak {row['peak_mb']:.1f} MB", flush=True)
+            print(f"N={n:3d} {label:30s} |A|={row['active']:3d} step {row['step_s']:.3f}s "
+                  f"limit {row['limit_s']:.3f}s ratio {row['ratio']:.3f} peak {row['peak_mb']:.1f} MB "
+                  f"(cache {row['cache_mb']:.1f} MB)", flush=True)
 
     result = {"device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
               "torch": torch.__version__, "model": "SD3Transformer2DModel " + json.dumps(BENCH_DIT),
@@ -158,15 +170,17 @@ def markdown(result: dict) -> str:
     by = {(r["method"], r["steps"]): r for r in rows}
     labels = list(dict.fromkeys(r["method"] for r in rows))
     head = "| method | " + " | ".join(f"N={n}: step s (×limit) | peak MB" for n in steps) + \
-           f" | peak growth N={steps[0]}→{steps[-1]} |"
-    lines = [head, "|" + "---|" * (2 * len(steps) + 2)]
+           f" | peak growth N={steps[0]}→{steps[-1]} | same, less the rollout cache |"
+    lines = [head, "|" + "---|" * (2 * len(steps) + 3)]
     for lab in labels:
         cells = []
         for n in steps:
             r = by[(lab, n)]
             cells += [f"{r['step_s']:.3f} ({r['ratio']:.2f}×)", f"{r['peak_mb']:.1f}"]
-        growth = by[(lab, steps[-1])]["peak_mb"] / max(by[(lab, steps[0])]["peak_mb"], 1e-9) - 1
-        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {growth * 100:+.0f}% |")
+        lo, hi = by[(lab, steps[0])], by[(lab, steps[-1])]
+        growth = hi["peak_mb"] / lo["peak_mb"] - 1
+        net = (hi["peak_mb"] - hi["cache_mb"]) / (lo["peak_mb"] - lo["cache_mb"]) - 1
+        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {growth * 100:+.1f}% | {net * 100:+.1f}% |")
     return "\n".join(lines)
 
 

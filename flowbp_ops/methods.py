@@ -17,6 +17,8 @@ BACKBONES = ("sd35", "flux1", "flux2", "tiny")
 _HYPER_FROM = {"tiny": "sd35"}
 
 # method -> (one-line summary, common settings, {backbone: overrides})
+# The exact references (DRaFT, AlignProp) differentiate both CFG branches: detaching the
+# negative one would also drop its (1 − g)·∂v_neg/∂x from every chained Jacobian.
 _PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, dict[str, Any]]]] = {
     "refl": (
         "posterior mean at τ = N − U{1..11}, one grad forward",
@@ -27,7 +29,7 @@ _PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, dict[str, Any]]]] = {
     "draft_k": (
         "exact backprop through the last K steps (DRaFT-1 by default; active.k=N is DRaFT full)",
         {"active": {"sampler": "last_k", "k": 1}, "bridge": {"alpha": 1.0, "chained": True},
-         "execution": {"checkpoint": True}},
+         "execution": {"checkpoint": True, "cfg_detach_neg": False}},
         {},
     ),
     "draft_lv": (
@@ -39,7 +41,7 @@ _PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, dict[str, Any]]]] = {
     "alignprop": (
         "exact backprop through a random last K ~ U{1..N} (randomized truncation)",
         {"active": {"sampler": "last_k", "k": "N", "k_min": 1}, "bridge": {"alpha": 1.0, "chained": True},
-         "execution": {"checkpoint": True}},
+         "execution": {"checkpoint": True, "cfg_detach_neg": False}},
         {},
     ),
     "drtune": (

@@ -4,7 +4,7 @@ import torch
 
 from flowbp_ops.methods import get_method
 from flowbp_ops.surrogate import bridge, build_plan, connector, scale_grad
-from flowbp_ops.surrogate.quadrature import lagrange_weights, support_indices
+from flowbp_ops.surrogate.quadrature import active_supports, lagrange_weights, support_indices
 
 from conftest import sd35_sigmas
 
@@ -75,3 +75,17 @@ def test_lagrange_supports_and_active_supports_follow_the_spec():
         assert act[0].index == seg.start and act[0].scale == 1.0
         assert len(act) <= 2 and all(t.scale == 0.25 for t in act[1:])
     assert len(plan.active) <= 4
+
+
+def test_support_positions_and_which_supports_are_active():
+    # linspace over [start, end−1], rounded (half to even, as torch.round), deduplicated
+    assert support_indices(1, 19, 3) == [1, 10, 18]
+    assert support_indices(0, 4, 3) == [0, 2, 3]
+    assert support_indices(5, 7, 3) == [5, 6]
+    assert support_indices(0, 12, 5) == [0, 3, 6, 8, 11]
+    # "midpoint": the support nearest the interval's middle; "sequential": the next ones
+    assert active_supports([0, 3, 6, 8, 11], 2, "midpoint") == [0, 6]
+    assert active_supports([0, 3, 6, 8, 11], 2, "sequential") == [0, 3]
+    assert active_supports([0, 3, 6, 8, 11], 3, "sequential") == [0, 3, 6]
+    assert active_supports([1, 10, 18], 2, "midpoint") == [1, 10]
+    assert active_supports([1, 10, 18], 1, "midpoint") == [1]

@@ -77,9 +77,25 @@ def _plan_fingerprint(seeds):
 def test_identical_seeds_give_identical_plans_across_processes():
     seeds = list(range(6))
     here = _plan_fingerprint(seeds)
-    assert here == _plan_fingerprint(seeds)
     code = ("import json,sys; sys.path.insert(0, 'tests'); from test_samplers import _plan_fingerprint; "
             f"print(json.dumps(_plan_fingerprint({seeds})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == here
     assert len({tuple(a) for a in here["flowbp_sparse"]}) > 1  # different seeds do differ
+
+
+def test_bridge_budget_split_follows_the_spec():
+    # K_pre = round(K·len_pre/(len_pre+len_post)), at least 1 each side, each side capped by its room
+    assert samplers.split_budget(5, 9, 16) == (2, 3)
+    assert samplers.split_budget(5, 1, 24) == (1, 4)
+    assert samplers.split_budget(5, 24, 1) == (4, 1)
+    assert samplers.split_budget(3, 12, 13) == (1, 2)
+    cfg = get_method("flowbp_bridge", "sd35")  # K = 5
+    for seed in range(40):
+        plan = build_plan(cfg, sd35_sigmas(25), seed)
+        j = plan.split
+        pre = [i for i in plan.active if i < j]
+        post = [i for i in plan.active if i > j]
+        k_pre, k_post = samplers.split_budget(5, j, 25 - j)
+        assert j in plan.active and len(pre) == k_pre and len(post) == k_post - 1
+        assert plan.segments[1].start == j and plan.segments[1].alpha == 0.5
