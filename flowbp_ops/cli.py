@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--batch", type=int, default=2)
     gc.add_argument("--cfg-scale", type=float, default=None, help="use real CFG with this scale")
     gc.set_defaults(func=_cmd_gradcheck)
+
+    from flowbp_ops.cli_world import add_commands
+
+    add_commands(sub)
     return p
 
 
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"flowbp: error: {exc}", file=sys.stderr)
         return 2
 

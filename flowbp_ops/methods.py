@@ -12,9 +12,10 @@ from typing import Any
 
 from flowbp_ops.surrogate.config import ConfigError, MethodConfig, validated
 
-BACKBONES = ("sd35", "flux1", "flux2", "tiny")
-# the small random-init DiT of tests and gradcheck borrows SD3.5's hyperparameters
-_HYPER_FROM = {"tiny": "sd35"}
+BACKBONES = ("sd35", "flux1", "flux2", "default", "tiny")
+# the default world's model and the small random-init DiT of tests and gradcheck are SD3
+# architectures with real CFG: they borrow SD3.5's hyperparameters
+_HYPER_FROM = {"tiny": "sd35", "default": "sd35"}
 
 # method -> (one-line summary, common settings, {backbone: overrides})
 # The exact references (DRaFT, AlignProp) differentiate both CFG branches: detaching the

@@ -53,6 +53,8 @@ SCHEDULES: dict[str, BackboneSchedule] = {
         BackboneSchedule("sd35", "Stable Diffusion 3.5 Medium (static shift 3, real CFG)", "static", shift=3.0),
         BackboneSchedule("flux1", "FLUX.1-dev (dynamic mu shift, guidance embedding)", "flux1"),
         BackboneSchedule("flux2", "FLUX.2-Klein-base (empirical mu shift, real CFG)", "flux2"),
+        BackboneSchedule("default", "the default world's small SD3-architecture model (static shift 3)", "static",
+                         shift=3.0),
         BackboneSchedule("tiny", "small random-init SD3-architecture DiT (tests, gradcheck)", "static", shift=3.0),
     ]
 }

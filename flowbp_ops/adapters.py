@@ -1,0 +1,42 @@
+"""Adapters in diffusers' LoRA format: ``pytorch_lora_weights.safetensors`` with ``transformer.`` keys.
+
+Saved through the SD3 pipeline's own ``save_lora_weights`` (so SD3 pipelines' ``load_lora_weights``
+read them) and loaded back onto a transformer with diffusers' ``load_lora_adapter``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def save_lora(transformer: torch.nn.Module, out_dir: str | Path, adapter_name: str = "default") -> Path:
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    if adapter_name not in getattr(transformer, "peft_config", {}):
+        raise ValueError(f"the transformer has no LoRA adapter {adapter_name!r} to save")
+    meta = {k: (sorted(v) if isinstance(v, set) else v)
+            for k, v in transformer.peft_config[adapter_name].to_dict().items()}
+    layers = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=layers,
+                                               transformer_lora_adapter_metadata=meta)
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir / WEIGHT_NAME
+
+
+def load_lora(transformer: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = "flowbp") -> None:
+    path = Path(adapter_dir)
+    if not (path / WEIGHT_NAME).exists():
+        raise FileNotFoundError(f"no {WEIGHT_NAME} in {path}: pass the directory `flowbp train` wrote the adapter to")
+    transformer.load_lora_adapter(str(path), weight_name=WEIGHT_NAME, use_safetensors=True, prefix="transformer",
+                                  adapter_name=adapter_name)

@@ -1,0 +1,68 @@
+"""The default world's backbone: small AutoencoderKL + SD3-architecture DiT + MiniLM text encoder.
+
+Loaded from a world directory written by :func:`flowbp_ops.world.build.build_world`
+(``vae/`` and ``transformer/`` in diffusers' ``save_pretrained`` layout). Real CFG with the
+empty prompt as negative, static shift 3 like SD3.5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from torch import Tensor
+
+from flowbp_ops.backbones.schedules import get_schedule
+from flowbp_ops.backbones.sd3 import SD3Velocity
+from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
+from flowbp_ops.world.base_model import decode_latents
+from flowbp_ops.world.text import MiniLMTextEncoder
+
+# the attention projections of SD3's joint blocks (image and text streams), as diffusers' SD3 LoRA recipe
+SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+class DefaultBackbone:
+    name = "default"
+    lora_target_modules = SD3_LORA_TARGETS
+
+    def __init__(self, world_dir: str | Path, device: str | torch.device = "cpu"):
+        world_dir = Path(world_dir)
+        for sub in ("vae", "transformer"):
+            if not (world_dir / sub / "config.json").exists():
+                raise FileNotFoundError(f"{world_dir / sub} is not a saved model: build the default world first "
+                                        f"with `flowbp world build --out {world_dir}`")
+        self.vae = AutoencoderKL.from_pretrained(world_dir / "vae", use_safetensors=True).to(device).eval()
+        self.vae.requires_grad_(False)
+        self.transformer = SD3Transformer2DModel.from_pretrained(world_dir / "transformer", use_safetensors=True)
+        self.transformer.to(device).eval()
+        self.text = MiniLMTextEncoder(device=device)
+        self.device = torch.device(device)
+        self._null: dict[str, Tensor] | None = None
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        return {k: v.to(self.device) for k, v in self.text.encode(prompts).items()}
+
+    def null(self, batch: int) -> dict[str, Tensor]:
+        if self._null is None:
+            self._null = self.encode_prompts([""])
+        return {k: v.expand(batch, *v.shape[1:]) for k, v in self._null.items()}
+
+    def conditioning(self, prompts: list[str], guidance: float | None):
+        pos = self.encode_prompts(prompts)
+        return pos if guidance is None else CFGCond(pos, self.null(len(prompts)))
+
+    def denoiser(self, guidance: float | None) -> Denoiser:
+        return Denoiser(SD3Velocity(self.transformer), cfg_scale=guidance)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return decode_latents(self.vae, latents)
+
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        c = self.transformer.config
+        return (batch, c.in_channels, c.sample_size, c.sample_size)
+
+    def sigmas(self, n_steps: int) -> np.ndarray:
+        return get_schedule("default").sigmas(n_steps)

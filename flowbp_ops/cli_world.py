@@ -1,0 +1,189 @@
+"""``flowbp world build | train | sample | evaluate``: the default world and the training loop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flowbp_ops.surrogate.config import ConfigError, parse_override
+
+AXES = ("reward_input.", "active.", "weights.", "bridge.", "trajectory_weight.", "execution.")
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False, file=sys.stderr)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, step: int, total: int, loss: float) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total, info="")
+        bar.update(tasks[stage], completed=step, info=f"loss {loss:.4f}")
+
+    return bar, update
+
+
+def _cmd_world_build(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from flowbp_ops.world.build import WorldConfig, build_world
+
+    base = WorldConfig.smoke() if args.smoke else WorldConfig()
+    kinds = {f.name: type(getattr(base, f.name)) for f in fields(WorldConfig)}
+    changes = {}
+    for item in args.set:
+        key, value = parse_override(item)
+        if key not in kinds:
+            raise ConfigError(f"--set {key}: unknown world setting; settings are {', '.join(kinds)}")
+        changes[key] = kinds[key](value)
+    cfg = WorldConfig(**{**base.__dict__, **changes})
+    bar, update = _progress()
+    with bar:
+        meta = build_world(args.out, cfg, update, overwrite=args.overwrite)
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+def split_sets(items: list[str]) -> tuple[dict, list[str]]:
+    """``--set`` items for the run (TrainConfig) and for the method's axes."""
+    run, method = {}, []
+    for item in items:
+        key, value = parse_override(item)
+        (method.append(item) if key.startswith(AXES) else run.__setitem__(key, value))
+    return run, method
+
+
+def load_prompts(world: Path, split: str) -> list[str]:
+    from flowbp_ops.world.digits import TEMPLATES, Spec
+
+    path = world / "prompts.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: build the default world first (flowbp world build --out {world})")
+    specs = [Spec(**s) for s in json.loads(path.read_text())[split]]
+    return [s.prompt(t) for s in specs for t in range(len(TEMPLATES))]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from flowbp_ops.adapters import save_lora
+    from flowbp_ops.backbones.default import DefaultBackbone
+    from flowbp_ops.methods import METHODS
+    from flowbp_ops.training.config import TrainConfig
+    from flowbp_ops.training.loop import train
+
+    if args.method not in METHODS:
+        raise ConfigError(f"unknown method {args.method!r}: choose one of {', '.join(METHODS)}")
+    if args.backbone != "default":
+        raise ConfigError(f"--backbone {args.backbone}: only 'default' can be trained on this machine so far")
+    run_sets, method_sets = split_sets(args.set)
+    try:
+        cfg = TrainConfig(method=args.method, backbone=args.backbone, method_overrides=method_sets, **run_sets)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    world, out = Path(args.world), Path(args.out or f"runs/{args.method}")
+    prompts = load_prompts(world, "train")
+    backbone = DefaultBackbone(world)
+    bar, _ = _progress()
+    log = (out / "metrics.jsonl")
+    out.mkdir(parents=True, exist_ok=True)
+
+    class Log:
+        def __init__(self):
+            self.task = bar.add_task(f"train {args.method}", total=cfg.steps, info="")
+            self.file = log.open("a")
+
+        def on_step(self, step, m):
+            self.file.write(json.dumps({"step": step, **m}) + "\n")
+            self.file.flush()
+            bar.update(self.task, completed=step + 1, info=f"reward {m['reward']:.3f} loss {m['loss']:.3f}")
+
+    with bar:
+        result = train(cfg, backbone, prompts, out, callbacks=[Log()], resume=args.resume,
+                       reward_kwargs={"world_dir": world})
+    if cfg.finetune == "lora":
+        save_lora(backbone.transformer, out / "adapter")
+    else:
+        backbone.transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    print(json.dumps({"run": str(out), **result["last"], "skipped": result["skipped"]}, indent=2))
+    return 0
+
+
+def _load_backbone(args):
+    from flowbp_ops.adapters import load_lora
+    from flowbp_ops.backbones.default import DefaultBackbone
+
+    backbone = DefaultBackbone(Path(args.world))
+    if args.adapter:
+        load_lora(backbone.transformer, args.adapter)
+    return backbone
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from flowbp_ops.sampling import generate
+
+    if not args.prompt:
+        raise ConfigError("--prompt: give at least one prompt")
+    backbone = _load_backbone(args)
+    images = generate(backbone, args.prompt, args.steps, args.guidance, seed=args.seed)
+    grid = images.permute(0, 2, 3, 1).reshape(-1, images.shape[3], 3) if len(args.prompt) > 1 else images[0].permute(1, 2, 0)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.clamp(0, 1) * 255).byte().numpy()).resize((grid.shape[1] * 4, grid.shape[0] * 4),
+                                                                     Image.NEAREST).save(out)
+    print(out)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from flowbp_ops.evaluation import evaluate
+    from flowbp_ops.rewards.base import get_reward
+
+    backbone = _load_backbone(args)
+    prompts = load_prompts(Path(args.world), args.split)[: args.limit]
+    rewards = {n: get_reward(n, world_dir=args.world) for n in args.rewards}
+    classifier = get_reward("align_heldout", world_dir=args.world).net
+    print(json.dumps(evaluate(backbone, prompts, rewards, args.steps, args.guidance, classifier), indent=2))
+    return 0
+
+
+def add_commands(sub) -> None:
+    w = sub.add_parser("world", help="the default world").add_subparsers(dest="world_command", required=True)
+    b = w.add_parser("build", help="build the default world (data, text encoder, VAE, flow model, rewards)")
+    b.add_argument("--out", default="data/world")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--smoke", action="store_true", help="a seconds-long build for tests")
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=_cmd_world_build)
+
+    t = sub.add_parser("train", help="train a method on a backbone")
+    t.add_argument("--method", required=True)
+    t.add_argument("--backbone", default="default")
+    t.add_argument("--world", default="data/world")
+    t.add_argument("--out", default=None, help="run directory (default runs/METHOD)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="run settings (steps=100, lr=1e-3) or method axes (active.k=5)")
+    t.add_argument("--resume", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    for name, fn, hlp in [("sample", _cmd_sample, "generate images"), ("evaluate", _cmd_evaluate, "held-out metrics")]:
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("--world", default="data/world")
+        p.add_argument("--adapter", default=None, help="a LoRA adapter directory from flowbp train")
+        p.add_argument("--steps", type=int, default=20)
+        p.add_argument("--guidance", type=float, default=4.0)
+        p.add_argument("--seed", type=int, default=42)
+        if name == "sample":
+            p.add_argument("--prompt", action="append", default=[])
+            p.add_argument("--out", default="samples/sample.png")
+        else:
+            p.add_argument("--split", default="test", choices=["train", "test"])
+            p.add_argument("--limit", type=int, default=200)
+            p.add_argument("--rewards", nargs="+", default=["align", "align_heldout", "quality", "quality_heldout"])
+        p.set_defaults(func=fn)

@@ -1,0 +1,100 @@
+"""The default world's reward models, trained by the project (no weights can be downloaded).
+
+* ``align`` (plays HPSv2.1): the mean probability, under an attribute classifier, of the
+  digit, colour, size and position the prompt asks for.
+* ``quality``: a realism critic, the logit that an image is a clean render rather than a
+  degraded one (noise, blur, washed-out or clipped colour, stray blobs).
+* ``align_heldout`` and ``quality_heldout`` (play PickScore / ImageReward): the same
+  questions answered by independently trained models of another architecture, on another
+  half of the digits and another seed. They are never used for training, so a training
+  reward that rises while they stall or fall is reward hacking made visible.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from flowbp_ops.rewards.base import check_images, freeze, register
+from flowbp_ops.world import digits
+
+HEADS = {"digit": 10, "color": len(digits.COLORS), "size": len(digits.SIZES), "position": len(digits.POSITIONS)}
+
+
+class ConvNet(nn.Module):
+    """A small CNN on 32×32 RGB with one linear head per output group."""
+
+    def __init__(self, width: int = 32, depth: int = 3, heads: dict[str, int] = HEADS):
+        super().__init__()
+        layers, c = [], 3
+        for i in range(depth):
+            layers += [nn.Conv2d(c, width * 2**i, 3, stride=1 if i == 0 else 2, padding=1), nn.SiLU()]
+            c = width * 2**i
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 16, 128), nn.SiLU())
+        self.heads = nn.ModuleDict({k: nn.Linear(128, n) for k, n in heads.items()})
+        self.config = {"width": width, "depth": depth, "heads": dict(heads)}
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        h = self.features(images * 2 - 1)
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+def save_net(net: ConvNet, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps(net.config))
+
+
+def load_net(path: Path) -> ConvNet:
+    path = Path(path)
+    cfg_file, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if not weights.exists() or not cfg_file.exists():
+        raise FileNotFoundError(f"no reward model at {weights}: build the default world first (flowbp world build)")
+    net = ConvNet(**json.loads(cfg_file.read_text()))
+    net.load_state_dict(load_file(str(weights)))
+    return freeze(net)
+
+
+def prompt_labels(prompts: list[str], device: torch.device) -> dict[str, Tensor]:
+    specs = [digits.parse_prompt(p) for p in prompts]
+    cols = list(zip(*(s.labels() for s in specs)))
+    return {k: torch.tensor(c, device=device) for k, c in zip(HEADS, cols)}
+
+
+class AlignmentReward:
+    """Mean over attributes of ``p(prompted value | image)``."""
+
+    def __init__(self, net: ConvNet, name: str):
+        self.net, self.name = net, name
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        check_images(images, prompts)
+        logits = self.net(images)
+        labels = prompt_labels(prompts, images.device)
+        probs = [F.softmax(logits[k], -1).gather(1, labels[k][:, None])[:, 0] for k in HEADS]
+        return torch.stack(probs).mean(0)
+
+
+class QualityReward:
+    """The critic's logit that the image is a clean render."""
+
+    def __init__(self, net: ConvNet, name: str):
+        self.net, self.name = net, name
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        check_images(images, prompts)
+        return self.net(images)["real"][:, 0]
+
+
+def _path(world_dir: str | Path, name: str) -> Path:
+    return Path(world_dir) / "rewards" / name
+
+
+for _name, _kind in [("align", AlignmentReward), ("align_heldout", AlignmentReward),
+                     ("quality", QualityReward), ("quality_heldout", QualityReward)]:
+    register(_name)(lambda world_dir, _n=_name, _k=_kind, **_: _k(load_net(_path(world_dir, _n)), _n))

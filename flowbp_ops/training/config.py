@@ -1,0 +1,38 @@
+"""Training-run settings: one schema for the CLI's ``--set``, presets and the pipeline."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    method: str = "flowbp_lagrange"
+    backbone: str = "default"
+    seed: int = 0
+    steps: int = Field(60, ge=1, description="optimizer steps")
+    batch: int = Field(4, ge=1, description="prompts per step")
+    rollout_steps: int = Field(10, ge=1, description="N, sampling steps of the training rollout")
+    guidance: float | None = Field(4.0, description="real CFG scale (None: no CFG)")
+    reward: str = Field("align", description="training reward (registry name or 'a:0.7,b:0.3')")
+    heldout_rewards: list[str] = Field(default_factory=lambda: ["align_heldout", "quality", "quality_heldout"])
+    loss: Literal["hinge", "negative"] = Field("hinge", description="hinge: w·relu(r_max − r); negative: −w·r")
+    r_max: float = Field(1.0, description="hinge target of the training reward")
+    # optimisation (spec section 4, scaled to the default world)
+    finetune: Literal["lora", "full"] = "lora"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(8.0, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = Field(1.0, gt=0)
+    ema: float | None = Field(0.95, ge=0, lt=1, description="EMA decay of the trained weights (None: off)")
+    # robustness and bookkeeping
+    checkpoint_every: int = Field(20, ge=1)
+    keep_last: int = Field(2, ge=1)
+    max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite steps before the run stops")
+    method_overrides: list[str] = Field(default_factory=list, description="--set for the method's axes")

@@ -1,0 +1,147 @@
+"""The default world (smoke-sized build) and the training loop on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flowbp_ops.methods import METHODS
+from flowbp_ops.rewards.base import get_reward, register
+from flowbp_ops.training.config import TrainConfig
+from flowbp_ops.training.loop import NonFiniteError, train
+from flowbp_ops.world.build import WorldConfig, build_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("w") / "world"
+    build_world(out, WorldConfig.smoke())
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(world):
+    from flowbp_ops.cli_world import load_prompts
+
+    return load_prompts(world, "train")
+
+
+def backbone(world):
+    from flowbp_ops.backbones.default import DefaultBackbone
+
+    return DefaultBackbone(world)
+
+
+def small(method="flowbp_sparse", **kw):
+    base = dict(method=method, steps=3, batch=2, rollout_steps=5, checkpoint_every=1, heldout_rewards=["align_heldout"])
+    return TrainConfig(**{**base, **kw})
+
+
+def test_world_layout_and_refusals(world, tmp_path):
+    assert (world / "vae" / "config.json").exists() and (world / "transformer" / "config.json").exists()
+    assert {p.name for p in (world / "rewards").iterdir()} >= {"align.safetensors", "quality_heldout.json"}
+    meta = json.loads((world / "world.json").read_text())
+    assert meta["n_test_specs"] > 0 and set(meta["timings"]) >= {"vae_s", "flow_s", "rewards_s"}
+    with pytest.raises(FileExistsError):
+        build_world(world, WorldConfig.smoke())
+
+    def interrupt(stage, step, total, loss):
+        if stage == "flow":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_world(tmp_path / "w2", WorldConfig.smoke(), progress=interrupt)
+    assert list(tmp_path.iterdir()) == []  # no half-written world
+
+
+def test_rewards_are_differentiable_and_refuse_bad_input(world):
+    images = torch.rand(3, 3, 32, 32, requires_grad=True)
+    prompts = ["a small red seven on the left", "a large blue two on the right", "on the left: a green one, small"]
+    for name in ["align", "align_heldout", "quality", "quality_heldout", "align:0.7,quality:0.3"]:
+        r = get_reward(name, world_dir=world)(images, prompts)
+        assert r.shape == (3,) and torch.isfinite(r).all()
+        (g,) = torch.autograd.grad(r.sum(), images)
+        assert g.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\)"):
+        get_reward("align", world_dir=world)(torch.rand(3, 32, 32), prompts)
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        get_reward("align", world_dir=world)(images, prompts[:2])
+    with pytest.raises(ValueError, match="must name exactly one colour|must name exactly one color"):
+        get_reward("align", world_dir=world)(images[:1], ["a seven on the left, small"])
+    with pytest.raises(KeyError, match="unknown reward 'hps'"):
+        get_reward("hps", world_dir=world)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "custom"])
+def test_every_method_trains_on_the_default_world(world, prompts, tmp_path, method):
+    bb = backbone(world)
+    before = {n: p.clone() for n, p in bb.transformer.named_parameters()}
+    result = train(small(method), bb, prompts, tmp_path, reward_kwargs={"world_dir": world})
+    assert result["skipped"] == 0 and torch.isfinite(torch.tensor(result["last"]["loss"]))
+    assert "heldout/align_heldout" in result["last"] and result["last"]["active"]
+    lora_b = [p for n, p in bb.transformer.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: the adapter learned
+    frozen = [n for n, _ in bb.transformer.named_parameters() if n in before]
+    assert frozen and all(torch.equal(p, before[n]) for n, p in bb.transformer.named_parameters() if n in before)
+
+
+def test_resume_is_exact(world, prompts, tmp_path):
+    cfg = small("flowbp_lagrange", steps=6, checkpoint_every=3)
+    a = backbone(world)
+    train(cfg, a, prompts, tmp_path / "a", reward_kwargs={"world_dir": world})
+    b = backbone(world)
+    train(cfg, b, prompts, tmp_path / "b", stop_after=3, reward_kwargs={"world_dir": world})
+    b = backbone(world)  # a fresh process would start from the saved world, too
+    train(cfg, b, prompts, tmp_path / "b", resume=True, reward_kwargs={"world_dir": world})
+    wa = dict(a.transformer.named_parameters())
+    for n, p in b.transformer.named_parameters():
+        assert torch.equal(p, wa[n]), n
+
+
+class _NaNAfter:
+    name = "nan_after_2"
+    calls = 0
+
+    def __call__(self, images, prompts):
+        _NaNAfter.calls += 1
+        r = images.mean((1, 2, 3))
+        return r if _NaNAfter.calls <= 2 else r * float("nan")
+
+
+register("nan_after_2")(lambda **_: _NaNAfter())
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(world, prompts, tmp_path):
+    from flowbp_ops.training.checkpoint import list_checkpoints, load_checkpoint
+
+    cfg = small(steps=10, reward="nan_after_2", max_bad_steps=3, checkpoint_every=1, keep_last=5)
+    with pytest.raises(NonFiniteError, match="3 non-finite steps in a row.*step-000002"):
+        train(cfg, backbone(world), prompts, tmp_path, reward_kwargs={"world_dir": world})
+    kept = list_checkpoints(tmp_path)
+    assert [p.name for p in kept] == ["step-000001", "step-000002"]
+    load_checkpoint(kept[-1])  # intact
+
+
+def test_lora_adapter_round_trip_through_diffusers(world, prompts, tmp_path):
+    from flowbp_ops.adapters import WEIGHT_NAME, load_lora, save_lora
+
+    trained = backbone(world)
+    train(small(steps=2, lr=5e-2), trained, prompts, tmp_path, reward_kwargs={"world_dir": world})
+    path = save_lora(trained.transformer, tmp_path / "adapter")
+    assert path.name == WEIGHT_NAME
+    from safetensors.torch import load_file
+
+    assert all(k.startswith("transformer.") for k in load_file(str(path)))
+    fresh = backbone(world)
+    x = torch.randn(2, 4, 16, 16)
+    cond = fresh.conditioning(["a small red seven on the left"] * 2, None)
+    den = fresh.denoiser(None)
+    with torch.no_grad():
+        base = den(x, 0.5, cond)
+        load_lora(fresh.transformer, tmp_path / "adapter")
+        loaded = den(x, 0.5, cond)
+        want = trained.denoiser(None)(x, 0.5, cond)
+    assert not torch.allclose(base, loaded)  # the adapter changes the samples
+    assert torch.allclose(loaded, want, atol=1e-5)  # and reproduces the trained model
