@@ -19,8 +19,8 @@ from torch import Tensor
 from flowbp_ops.world.text import EMBED_DIM
 
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1, norm_num_groups=16,
-    block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
 )
 # 16×16×4 latents, patch 2 → 64 image tokens; text tokens from MiniLM (384-d)
 DIT_CONFIG = dict(

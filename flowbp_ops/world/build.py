@@ -24,11 +24,11 @@ from flowbp_ops.world.train_rewards import train_reward_nets
 class WorldConfig:
     seed: int = 0
     n_images: int = 16000
-    vae_steps: int = 400
-    vae_batch: int = 64
+    vae_steps: int = 300
+    vae_batch: int = 32
     vae_lr: float = 2e-3
-    flow_steps: int = 1500
-    flow_batch: int = 64
+    flow_steps: int = 1200
+    flow_batch: int = 32
     flow_lr: float = 1e-3
     cfg_dropout: float = 0.1
     reward_steps: int = 300

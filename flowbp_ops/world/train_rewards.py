@@ -55,9 +55,12 @@ def train_reward_nets(out_dir: str | Path, steps: int, batch: int, seed: int, pr
         keep = np.arange(len(bitmaps)) % 2 == half
         net = ConvNet(**arch)
         opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
-        for step in range(steps):
-            imgs, chosen, _ = digits.sample_dataset(specs, batch, seed * 100_003 + offset * 1009 + step,
+        # render one pool up front (rendering per step would cost more than the training)
+        pool, pool_specs, _ = digits.sample_dataset(specs, min(8192, steps * batch), seed * 100_003 + offset,
                                                     bitmaps[keep], labels[keep])
+        for step in range(steps):
+            pick = torch.randint(0, len(pool), (batch,), generator=g)
+            imgs, chosen = pool[pick], [pool_specs[i] for i in pick.tolist()]
             if "real" in net.heads:
                 fake = degrade(imgs, g)
                 logits = net(torch.cat([imgs, fake]))["real"][:, 0]
