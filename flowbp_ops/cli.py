@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"flowbp: error: {exc}", file=sys.stderr)
         return 2
 

@@ -13,10 +13,11 @@ AXES = ("reward_input.", "active.", "weights.", "bridge.", "trajectory_weight.",
 
 
 def _progress():
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False, file=sys.stderr)
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=True))
     tasks: dict[str, int] = {}
 
     def update(stage: str, step: int, total: int, loss: float) -> None:
@@ -72,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from flowbp_ops.adapters import save_lora
     from flowbp_ops.backbones.default import DefaultBackbone
-    from flowbp_ops.methods import METHODS
+    from flowbp_ops.methods import METHODS, get_method
     from flowbp_ops.training.config import TrainConfig
     from flowbp_ops.training.loop import train
 
@@ -85,19 +86,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(method=args.method, backbone=args.backbone, method_overrides=method_sets, **run_sets)
     except ValidationError as exc:
         raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    get_method(cfg.method, cfg.backbone, cfg.rollout_steps, cfg.method_overrides).check(cfg.rollout_steps)
     world, out = Path(args.world), Path(args.out or f"runs/{args.method}")
     prompts = load_prompts(world, "train")
     backbone = DefaultBackbone(world)
     bar, _ = _progress()
-    log = (out / "metrics.jsonl")
-    out.mkdir(parents=True, exist_ok=True)
 
     class Log:
         def __init__(self):
             self.task = bar.add_task(f"train {args.method}", total=cfg.steps, info="")
-            self.file = log.open("a")
+            self.file = None
 
         def on_step(self, step, m):
+            if self.file is None:  # created by the first finished step: a refused run leaves nothing
+                out.mkdir(parents=True, exist_ok=True)
+                self.file = (out / "metrics.jsonl").open("a")
             self.file.write(json.dumps({"step": step, **m}) + "\n")
             self.file.flush()
             bar.update(self.task, completed=step + 1, info=f"reward {m['reward']:.3f} loss {m['loss']:.3f}")

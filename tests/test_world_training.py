@@ -145,3 +145,29 @@ def test_lora_adapter_round_trip_through_diffusers(world, prompts, tmp_path):
         want = trained.denoiser(None)(x, 0.5, cond)
     assert not torch.allclose(base, loaded)  # the adapter changes the samples
     assert torch.allclose(loaded, want, atol=1e-5)  # and reproduces the trained model
+
+
+def test_cli_train_sample_evaluate_and_refusals(world, tmp_path, capsys):
+    from flowbp_ops.cli import main
+
+    run = tmp_path / "run"
+    base = ["train", "--method", "flowbp_lagrange", "--world", str(world), "--out", str(run)]
+    for bad, words in [(["--set", "active.k=0"], "active.k"), (["--set", "reward=hps"], "unknown reward 'hps'"),
+                       (["--set", "steps=0"], "steps"), (["--set", "nope=1"], "nope")]:
+        assert main(base + bad) == 2
+        assert words in capsys.readouterr().err and not run.exists()  # refused: nothing written
+    assert main(["train", "--method", "refl", "--world", str(tmp_path / "none"), "--out", str(run)]) == 2
+    assert "build the default world first" in capsys.readouterr().err and not run.exists()
+
+    assert main(base + ["--set", "steps=2", "--set", "batch=2", "--set", "rollout_steps=4"]) == 0
+    assert (run / "adapter" / "pytorch_lora_weights.safetensors").exists() and (run / "metrics.jsonl").exists()
+    capsys.readouterr()
+    png = tmp_path / "grid.png"
+    assert main(["sample", "--world", str(world), "--adapter", str(run / "adapter"), "--steps", "3",
+                 "--prompt", "a small red seven on the left", "--prompt", "a large blue two on the right",
+                 "--out", str(png)]) == 0
+    assert png.exists() and png.stat().st_size > 0
+    capsys.readouterr()
+    assert main(["evaluate", "--world", str(world), "--steps", "3", "--limit", "4"]) == 0
+    assert "acc_all" in json.loads(capsys.readouterr().out)
+    assert main(["sample", "--world", str(world), "--adapter", str(tmp_path / "nope"), "--prompt", "x"]) == 2

@@ -59,12 +59,16 @@ def get_reward(name: str, **kwargs) -> Reward:
             n, _, w = item.partition(":")
             parts[n.strip()] = (float(w) if w else 1.0, get_reward(n.strip(), **kwargs))
         return Composite(parts)
+    import flowbp_ops.rewards.world  # noqa: F401  (registers the default world's rewards)
+
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}: registered are {', '.join(sorted(_REGISTRY)) or 'none'}")
     return _REGISTRY[name](**kwargs)
 
 
 def registered() -> list[str]:
+    import flowbp_ops.rewards.world  # noqa: F401
+
     return sorted(_REGISTRY)
 
 
