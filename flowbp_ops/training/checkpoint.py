@@ -1,8 +1,8 @@
 """Checkpoints written atomically, a kept-last limit, and exact resume.
 
-A checkpoint is a directory ``step-000040/`` holding the trainable weights and EMA weights
-(safetensors), and the optimizer and RNG states (a torch file of tensors and plain
-containers, loaded with ``weights_only=True``: nothing is unpickled). It is written to a
+A checkpoint is a directory ``step-000040/`` holding the trainable weights (safetensors),
+and the optimizer, EMA and RNG states (a torch file of tensors and plain containers,
+loaded with ``weights_only=True``: nothing is unpickled). It is written to a
 ``.partial`` sibling and renamed, so a crash never leaves a half-written checkpoint that
 resume would pick up.
 """
@@ -21,15 +21,13 @@ from safetensors.torch import load_file, save_file
 _STEP = re.compile(r"^step-(\d{6})$")
 
 
-def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
-                    state: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
+                    meta: dict[str, Any], keep_last: int) -> Path:
     final = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-    if ema is not None:
-        save_file({k: v.detach().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
     torch.save(state, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(final, ignore_errors=True)
@@ -46,12 +44,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _STEP.match(p.name))
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict | None, dict, dict]:
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     path = Path(path)
     if not (path / "weights.safetensors").exists():
         raise FileNotFoundError(f"{path} is not a checkpoint (no weights.safetensors)")
     weights = load_file(str(path / "weights.safetensors"))
-    ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").exists() else None
     state = torch.load(path / "state.pt", weights_only=True)
     meta = json.loads((path / "meta.json").read_text())
-    return weights, ema, state, meta
+    return weights, state, meta

@@ -70,7 +70,7 @@ def train(cfg: TrainConfig, backbone, prompts: list[str], run_dir: str | Path, c
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
             raise FileNotFoundError(f"nothing to resume in {run_dir}: no checkpoints")
-        weights, _, state, meta = load_checkpoint(ckpts[-1])
+        weights, state, meta = load_checkpoint(ckpts[-1])
         if meta["config"] != cfg.model_dump(mode="json"):
             raise ValueError(f"the checkpoint in {ckpts[-1]} was written by a different config; resume with the same one")
         with torch.no_grad():
@@ -128,7 +128,7 @@ def train(cfg: TrainConfig, backbone, prompts: list[str], run_dir: str | Path, c
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             state = {"optimizer": opt.state_dict(), "ema": ema.state_dict() if ema else None,
                      "generator": gen.get_state(), "step": step + 1, "skipped": skipped}
-            save_checkpoint(run_dir, step + 1, {n: p for n, p in named}, None, state,
+            save_checkpoint(run_dir, step + 1, {n: p for n, p in named}, state,
                             {"config": cfg.model_dump(mode="json"), "step": step + 1}, cfg.keep_last)
     if ema is not None:
         ema.copy_to(params)  # evaluate (and save) the EMA weights
