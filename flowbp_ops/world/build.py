@@ -27,7 +27,7 @@ class WorldConfig:
     vae_steps: int = 300
     vae_batch: int = 32
     vae_lr: float = 2e-3
-    flow_steps: int = 1200
+    flow_steps: int = 2400  # 1200 gave 25% digit accuracy; 2400 gives 82.5% all-attributes (README)
     flow_batch: int = 32
     flow_lr: float = 1e-3
     cfg_dropout: float = 0.1
