@@ -60,18 +60,20 @@ def train_vae(vae: AutoencoderKL, images: Tensor, steps: int, batch: int, lr: fl
         if progress:
             progress("vae", step + 1, steps, loss.item())
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        z = torch.cat([vae.encode(images[i:i + 512] * 2 - 1).latent_dist.mean for i in range(0, min(len(images), 4096), 512)])
+    z = _latent_means(vae, images[:4096])
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
     return vae
 
 
 @torch.no_grad()
+def _latent_means(vae: AutoencoderKL, images: Tensor, chunk: int = 512) -> Tensor:
+    return torch.cat([vae.encode(images[i:i + chunk] * 2 - 1).latent_dist.mean for i in range(0, len(images), chunk)])
+
+
 def encode_images(vae: AutoencoderKL, images: Tensor) -> Tensor:
     """Images in [0, 1] → normalised latents ``(z − shift)·scale`` (what the transformer models)."""
     c = vae.config
-    z = torch.cat([vae.encode(images[i:i + 512] * 2 - 1).latent_dist.mean for i in range(0, len(images), 512)])
-    return (z - c.shift_factor) * c.scaling_factor
+    return (_latent_means(vae, images) - c.shift_factor) * c.scaling_factor
 
 
 def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
