@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from flowbp_ops.atomic import atomic_path
+
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -22,16 +24,10 @@ def save_lora(transformer: torch.nn.Module, out_dir: str | Path, adapter_name: s
     meta = {k: (sorted(v) if isinstance(v, set) else v)
             for k, v in transformer.peft_config[adapter_name].to_dict().items()}
     layers = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=layers,
-                                               transformer_lora_adapter_metadata=meta)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir / WEIGHT_NAME
+    with atomic_path(out_dir) as tmp:
+        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=layers,
+                                                   transformer_lora_adapter_metadata=meta)
+    return Path(out_dir) / WEIGHT_NAME
 
 
 def load_lora(transformer: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = "flowbp") -> None:

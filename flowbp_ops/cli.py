@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--cfg-scale", type=float, default=None, help="use real CFG with this scale")
     gc.set_defaults(func=_cmd_gradcheck)
 
-    from flowbp_ops.cli_world import add_commands
+    from flowbp_ops import cli_pipeline, cli_world
 
-    add_commands(sub)
+    cli_world.add_commands(sub)
+    cli_pipeline.add_commands(sub)
     return p
 
 

@@ -29,19 +29,21 @@ def _progress():
 
 
 def _cmd_world_build(args: argparse.Namespace) -> int:
-    from dataclasses import fields
+    from pydantic import ValidationError
 
     from flowbp_ops.world.build import WorldConfig, build_world
 
     base = WorldConfig.smoke() if args.smoke else WorldConfig()
-    kinds = {f.name: type(getattr(base, f.name)) for f in fields(WorldConfig)}
     changes = {}
     for item in args.set:
         key, value = parse_override(item)
-        if key not in kinds:
-            raise ConfigError(f"--set {key}: unknown world setting; settings are {', '.join(kinds)}")
-        changes[key] = kinds[key](value)
-    cfg = WorldConfig(**{**base.__dict__, **changes})
+        if key not in WorldConfig.model_fields:
+            raise ConfigError(f"--set {key}: unknown world setting; settings are {', '.join(WorldConfig.model_fields)}")
+        changes[key] = value
+    try:
+        cfg = WorldConfig(**{**base.model_dump(), **changes})
+    except ValidationError as exc:
+        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
     bar, update = _progress()
     with bar:
         meta = build_world(args.out, cfg, update, overwrite=args.overwrite)
@@ -59,13 +61,9 @@ def split_sets(items: list[str]) -> tuple[dict, list[str]]:
 
 
 def load_prompts(world: Path, split: str) -> list[str]:
-    from flowbp_ops.world.digits import TEMPLATES, Spec
+    from flowbp_ops.prompts import load_prompt_set
 
-    path = world / "prompts.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: build the default world first (flowbp world build --out {world})")
-    specs = [Spec(**s) for s in json.loads(path.read_text())[split]]
-    return [s.prompt(t) for s in specs for t in range(len(TEMPLATES))]
+    return load_prompt_set(Path(world) / "prompts", split)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -8,6 +8,11 @@ from torch import Tensor
 from flowbp_ops.surrogate.rollout import rollout
 
 
+def initial_noise(shape: tuple[int, ...], seeds) -> Tensor:
+    """``x_0`` per sample, each from its own seed: the same sample whatever the batch it is in."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
 @torch.no_grad()
 def generate(backbone, prompts: list[str], n_steps: int, guidance: float | None, seed: int = 42,
              batch_size: int = 64) -> Tensor:
@@ -20,8 +25,7 @@ def generate(backbone, prompts: list[str], n_steps: int, guidance: float | None,
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        x0 = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + start + i))
-                          for i in range(len(chunk))])
+        x0 = initial_noise(shape, range(seed + start, seed + start + len(chunk)))
         cache = rollout(denoiser, x0, sigmas, backbone.conditioning(chunk, guidance))
         out.append(backbone.decode(cache.x[-1]))
     return torch.cat(out)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install flowbp with its test extras. Idempotent; ~1 minute cold with uv.
+# Create .venv (flowbp, dagster, mlflow, tests) and .venv-dvc (dvc, kept apart: it pins an antlr
+# runtime dagster cannot use). Idempotent; about 1.5 minutes cold with uv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,3 +12,14 @@ fl=$("$PY" -m pip config get global.find-links 2>/dev/null || true)
 [ -n "$fl" ] && [ -d "$fl" ] && extra+=(--find-links "$fl")
 [ -x .venv/bin/python ] || uv venv --quiet --python "$PY" .venv
 uv pip install --quiet --python .venv/bin/python --compile-bytecode "${extra[@]}" -e ".[test]"
+[ -x .venv-dvc/bin/python ] || uv venv --quiet --python "$PY" .venv-dvc
+uv pip install --quiet --python .venv-dvc/bin/python --compile-bytecode "dvc==3.67.1" "dvc-s3==3.3.0"
+# the instance the Dagster UI and the main job share; telemetry off
+mkdir -p .dagster
+[ -f .dagster/dagster.yaml ] || cat > .dagster/dagster.yaml <<'YAML'
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1   # one `gpu`-pool op at a time on one machine
+YAML

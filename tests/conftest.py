@@ -50,3 +50,44 @@ def tiny_dit():
     from flowbp_ops.backbones.sd3 import tiny_sd3_transformer
 
     return tiny_sd3_transformer(0)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A smoke-sized default world (seconds to build): the real code path, not a usable model."""
+    from flowbp_ops.world.build import WorldConfig, build_world
+
+    out = tmp_path_factory.mktemp("w") / "world"
+    build_world(out, WorldConfig.smoke())
+    return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint (moto's server) on 127.0.0.1, with dummy credentials."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL_S3"]
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    import uuid
+
+    from flowbp_ops.storage import s3_client
+
+    s3, bucket = s3_client(), f"b-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    return s3, bucket

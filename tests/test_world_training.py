@@ -15,13 +15,6 @@ from flowbp_ops.world.build import WorldConfig, build_world
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("w") / "world"
-    build_world(out, WorldConfig.smoke())
-    return out
-
-
-@pytest.fixture(scope="module")
 def prompts(world):
     from flowbp_ops.cli_world import load_prompts
 

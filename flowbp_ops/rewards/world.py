@@ -1,7 +1,9 @@
 """The default world's reward models, trained by the project (no weights can be downloaded).
 
-* ``align`` (plays HPSv2.1): the mean probability, under an attribute classifier, of the
-  digit, colour, size and position the prompt asks for.
+* ``align`` (plays HPSv2.1): the probability, under an attribute classifier, that the image
+  shows everything the prompt asks for: the product of the probabilities of the prompted
+  digit, colour, size and position (a mean would hide a wrong digit behind three right
+  easy attributes).
 * ``quality``: a realism critic, the logit that an image is a clean render rather than a
   degraded one (noise, blur, washed-out or clipped colour, stray blobs).
 * ``align_heldout`` and ``quality_heldout`` (play PickScore / ImageReward): the same
@@ -33,7 +35,7 @@ class ConvNet(nn.Module):
         super().__init__()
         layers, c = [], 3
         for i in range(depth):
-            layers += [nn.Conv2d(c, width * 2**i, 3, stride=1 if i == 0 else 2, padding=1), nn.SiLU()]
+            layers += [nn.Conv2d(c, width * 2**i, 3, stride=2, padding=1), nn.SiLU()]  # 32 → 16 → 8 → 4
             c = width * 2**i
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 16, 128), nn.SiLU())
         self.heads = nn.ModuleDict({k: nn.Linear(128, n) for k, n in heads.items()})
@@ -67,7 +69,7 @@ def prompt_labels(prompts: list[str], device: torch.device) -> dict[str, Tensor]
 
 
 class AlignmentReward:
-    """Mean over attributes of ``p(prompted value | image)``."""
+    """``Π_attributes p(prompted value | image)``: the probability that every attribute is right."""
 
     def __init__(self, net: ConvNet, name: str):
         self.net, self.name = net, name
@@ -77,7 +79,7 @@ class AlignmentReward:
         logits = self.net(images)
         labels = prompt_labels(prompts, images.device)
         probs = [F.softmax(logits[k], -1).gather(1, labels[k][:, None])[:, 0] for k in HEADS]
-        return torch.stack(probs).mean(0)
+        return torch.stack(probs).prod(0)
 
 
 class QualityReward:

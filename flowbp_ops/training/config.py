@@ -30,6 +30,8 @@ class TrainConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast of the forward (GPU)")
+    gradient_checkpointing: bool = Field(False, description="recompute the transformer's activations in backward")
     ema: float | None = Field(0.95, ge=0, lt=1, description="EMA decay of the trained weights (None: off)")
     # robustness and bookkeeping
     checkpoint_every: int = Field(20, ge=1)

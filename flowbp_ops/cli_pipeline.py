@@ -1,0 +1,111 @@
+"""``flowbp stage | promote | pipeline``: the pipeline's stages from the command line (what DVC runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+STAGE_NAMES = ("prompt_sets", "reward_models", "base_model", "cached_rollouts", "trained_variant", "evaluation",
+               "method_comparison", "promoted_model")
+TRACKED = ("trained_variant", "evaluation", "method_comparison", "promoted_model")
+
+
+def _params(args):
+    from flowbp_ops.params import load_params
+
+    return load_params(args.params, args.set)
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from flowbp_ops import stages
+    from flowbp_ops.methods import METHODS
+    from flowbp_ops.surrogate.config import ConfigError
+
+    params = _params(args)
+    per_method = args.name in ("trained_variant", "evaluation")
+    if per_method and args.method not in METHODS:
+        raise ConfigError(f"stage {args.name} needs --method, one of {', '.join(METHODS)}")
+    if not per_method and args.method:
+        raise ConfigError(f"stage {args.name} is not per method: drop --method")
+    kwargs = {}
+    if args.name in TRACKED:
+        from flowbp_ops.tracking import Tracker
+
+        kwargs["tracker"] = Tracker(params.tracking)
+    fn = getattr(stages, args.name)
+    meta = fn(params, args.method, **kwargs) if per_method else fn(params, **kwargs)
+    print(json.dumps(meta, indent=2, default=str))
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from flowbp_ops.tracking import Tracker
+
+    params = _params(args)
+    tracker = Tracker(params.tracking)
+    name = params.promote.model_name
+    if args.rollback:
+        print(json.dumps(tracker.rollback(name), indent=2))
+        return 0
+    if args.version is None:
+        from flowbp_ops import stages
+
+        print(json.dumps(stages.promoted_model(params, tracker), indent=2))
+        return 0
+    evals = [json.loads(p.read_text()) for p in sorted((Path(params.data_dir) / "eval").glob("*/metrics.json"))]
+    match = [e for e in evals if str(e.get("model_version")) == str(args.version)]
+    if not match:
+        raise ValueError(f"no evaluation of version {args.version} under {params.data_dir}/eval: evaluate it first "
+                         f"(flowbp stage evaluation --method M)")
+    print(json.dumps(tracker.promote(name, str(args.version), match[0]["gates"], reason="flowbp promote"), indent=2))
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    if args.pipeline_command == "dvc-yaml":
+        from pipelines.graph import dvc_yaml
+
+        text = dvc_yaml()
+        if args.check:
+            current = Path(args.out).read_text() if Path(args.out).exists() else ""
+            if current != text:
+                raise ValueError(f"{args.out} differs from pipelines/graph.py: run `flowbp pipeline dvc-yaml`")
+            return 0
+        Path(args.out).write_text(text)
+        print(args.out)
+        return 0
+    from pipelines.run import run_chain
+
+    result = run_chain(args.params, args.set)
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if result["success"] else 1
+
+
+def add_commands(sub) -> None:
+    def common(p):
+        p.add_argument("--params", default="params.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override params.yaml, e.g. train.lr=3e-4 (repeatable)")
+
+    s = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml and the Dagster assets call)")
+    s.add_argument("name", choices=STAGE_NAMES)
+    s.add_argument("--method", default=None)
+    common(s)
+    s.set_defaults(func=_cmd_stage)
+
+    pr = sub.add_parser("promote", help="move the champion alias (gated), or roll it back")
+    pr.add_argument("--version", default=None, help="a registered model version (default: the best that passes)")
+    pr.add_argument("--rollback", action="store_true", help="restore the previous champion")
+    common(pr)
+    pr.set_defaults(func=_cmd_promote)
+
+    pp = sub.add_parser("pipeline", help="the whole chain through Dagster, or dvc.yaml from the graph")
+    psub = pp.add_subparsers(dest="pipeline_command", required=True)
+    r = psub.add_parser("run", help="materialize the default chain (prepare, each method, compare, promote)")
+    common(r)
+    r.set_defaults(func=_cmd_pipeline)
+    d = psub.add_parser("dvc-yaml", help="write dvc.yaml from pipelines/graph.py")
+    d.add_argument("--out", default="dvc.yaml")
+    d.add_argument("--check", action="store_true", help="fail if the file differs")
+    d.set_defaults(func=_cmd_pipeline)

@@ -1,0 +1,86 @@
+"""Method comparison: the table and the plots users look at (README, MLflow, Dagster metadata)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from flowbp_ops.atomic import atomic_path
+
+CURVE_KEYS = [("reward", "training reward"), ("heldout/align_heldout", "held-out alignment"),
+              ("heldout/quality", "quality"), ("heldout/quality_heldout", "held-out quality")]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(curves: dict[str, list[list[dict]]], path: Path, window: int = 5, title: str = "") -> None:
+    """Reward-versus-step per method: mean over runs (seeds), moving average of ``window`` steps."""
+    plt = _plt()
+    keys = [(k, t) for k, t in CURVE_KEYS if any(k in c[0] for runs in curves.values() for c in runs if c)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False)
+    for name, runs in curves.items():
+        runs = [c for c in runs if c]
+        if not runs:
+            continue
+        n = min(len(c) for c in runs)
+        for ax, (key, label) in zip(axes[0], keys):
+            mean = [statistics.fmean(c[i].get(key, float("nan")) for c in runs) for i in range(n)]
+            smooth = [statistics.fmean(mean[max(0, i - window + 1): i + 1]) for i in range(n)]
+            ax.plot(range(1, n + 1), smooth, label=name, lw=2 if name.startswith("flowbp") else 1,
+                    ls="--" if "@" in name else "-")
+            ax.set_title(label)
+            ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or f"batch mean, moving average of {window} steps", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def compare(evals: dict[str, dict], curves: dict[str, list[dict]], out_dir: Path) -> dict:
+    """``evals``: per method the evaluation stage's metrics.json; ``curves``: its per-step rows."""
+    rewards = [k for k in next(iter(evals.values()))["variant"] if k.startswith("reward/")]
+    cols = rewards + ["acc_all", "diversity"]
+    base = next(iter(evals.values()))["base"]
+    lines = ["| variant | " + " | ".join(c.removeprefix("reward/") for c in cols) + " | gates |",
+             "|" + "---|" * (len(cols) + 2)]
+    lines.append("| base model | " + " | ".join(f"{base.get(c, float('nan')):.3f}" for c in cols) + " | |")
+    for m, ev in evals.items():
+        v, d = ev["variant"], ev["delta"]
+        cells = [f"{v.get(c, float('nan')):.3f} ({d.get(c, 0):+.3f})" for c in cols]
+        failed = [g for g, r in ev["gates"].items() if not r["passed"]]
+        lines.append(f"| `{m}` | " + " | ".join(cells) + f" | {'pass' if not failed else 'FAIL: ' + ', '.join(failed)} |")
+    table = "\n".join(lines) + "\n"
+    result = {"variants": evals, "columns": cols, "table": table}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        (tmp / "table.md").write_text(table)
+        (tmp / "comparison.json").write_text(json.dumps(result, indent=2))
+        _bars(evals, rewards, tmp / "comparison.png")
+        plot_curves({m: [rows] for m, rows in curves.items()}, tmp / "curves.png")
+    return result
+
+
+def _bars(evals: dict[str, dict], rewards: list[str], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.4 * len(evals) + 3, 3.6))
+    width = 0.8 / len(rewards)
+    for j, r in enumerate(rewards):
+        ax.bar([i + j * width for i in range(len(evals))], [ev["delta"][r] for ev in evals.values()], width,
+               label=r.removeprefix("reward/"))
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(evals))], list(evals), rotation=20, fontsize=8)
+    ax.set_ylabel("change vs base model")
+    ax.legend(fontsize=7)
+    ax.set_title("held-out prompts: reward change per method", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

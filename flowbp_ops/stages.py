@@ -1,0 +1,335 @@
+"""The pipeline's stages as library functions: what a Dagster asset and a DVC stage each call.
+
+Every stage reads ``Params`` (``params.yaml``), writes its outputs atomically under
+``params.data_dir`` and returns metadata (counts, checksums, timings, run ids) for Dagster
+and for ``flowbp stage``'s JSON. No orchestration here: the order is the graph in
+``pipelines/graph.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from flowbp_ops.atomic import atomic_path
+from flowbp_ops.params import Params
+from flowbp_ops.surrogate.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Paths:
+    world: Path
+    data: Path
+
+    @property
+    def prompts(self) -> Path:
+        return self.world / "prompts"
+
+    @property
+    def rewards(self) -> Path:
+        return self.world / "rewards"
+
+    @property
+    def rollouts(self) -> Path:
+        return self.data / "rollouts"
+
+    def variant(self, method: str) -> Path:
+        return self.data / "variants" / method
+
+    def evaluation(self, method: str) -> Path:
+        return self.data / "eval" / method
+
+    @property
+    def comparison(self) -> Path:
+        return self.data / "comparison"
+
+    @property
+    def promoted(self) -> Path:
+        return self.data / "promoted.json"
+
+
+def paths(params: Params) -> Paths:
+    return Paths(Path(params.world_dir), Path(params.data_dir))
+
+
+def prompt_sets(params: Params) -> dict:
+    from flowbp_ops.prompts import prepare_prompt_set
+
+    p = params.prompts
+    return prepare_prompt_set(p.source, paths(params).prompts, p.eval_fraction, p.seed, p.column)
+
+
+def reward_models(params: Params, progress: Callable | None = None) -> dict:
+    from flowbp_ops.storage import fetch
+    from flowbp_ops.world.build import build_reward_models
+
+    if params.rewards.source == "default":
+        return build_reward_models(params.world_dir, params.world, progress)
+    digest = fetch(params.rewards.source, paths(params).rewards, params.rewards.sha256)
+    return {"source": params.rewards.source, "sha256": digest}
+
+
+def base_model(params: Params, progress: Callable | None = None) -> dict:
+    from flowbp_ops.world.build import build_base_model
+
+    if params.base_model.source != "default":
+        raise ConfigError(f"base_model.source={params.base_model.source!r}: only the default world's model can be "
+                          f"built by this pipeline so far; the SD3.5/FLUX adapters are not wired in yet")
+    return build_base_model(params.world_dir, params.world, progress)
+
+
+def _backbone(params: Params, adapter: Path | None = None):
+    from flowbp_ops.adapters import load_lora
+    from flowbp_ops.backbones.default import DefaultBackbone
+
+    bb = DefaultBackbone(params.world_dir, device=params.device)
+    if adapter is not None:
+        load_lora(bb.transformer, adapter)
+    return bb
+
+
+def eval_prompts(params: Params) -> list[str]:
+    from flowbp_ops.prompts import load_prompt_set
+
+    return load_prompt_set(paths(params).prompts, "test")[: params.rollouts.n_prompts]
+
+
+def cached_rollouts(params: Params) -> dict:
+    from flowbp_ops.rollout_store import generate_rollouts
+
+    r = params.rollouts
+    t0 = time.perf_counter()
+    meta = generate_rollouts(_backbone(params), eval_prompts(params), r.n_steps, r.guidance, paths(params).rollouts,
+                             seed=r.seed, shard_size=r.shard_size)
+    return {**meta, "seconds": time.perf_counter() - t0}
+
+
+def trained_variant(params: Params, method: str, tracker=None, tags: dict | None = None,
+                    progress: Callable | None = None) -> dict:
+    """Train one method; write the adapter, ``metrics.jsonl`` (DVC plots) and ``summary.json``."""
+    from flowbp_ops.adapters import save_lora
+    from flowbp_ops.prompts import load_prompt_set
+    from flowbp_ops.storage import sha256_of
+    from flowbp_ops.training.loop import train
+
+    cfg = params.train_config(method)
+    if cfg.finetune != "lora":
+        raise ConfigError("train.finetune=full: the pipeline registers LoRA adapters; use `flowbp train` for full runs")
+    p = paths(params)
+    backbone = _backbone(params)
+    prompts = load_prompt_set(p.prompts, "train")
+    run_id = None
+    tags = {"method": method, "rollouts.sha256": _rollouts_sha(p), **(tags or {})}
+    if tracker is not None:
+        from flowbp_ops.tracking import dvc_hash
+
+        tags["rollouts.dvc_md5"] = dvc_hash(str(p.rollouts))
+        run_id = tracker.start_run(method, tags, params={"train": cfg.model_dump(mode="json"),
+                                                         "world": params.world.model_dump()})
+    rows: list[dict] = []
+
+    class Log:
+        def on_step(self, step, m):
+            row = {"step": step, **{k: v for k, v in m.items() if isinstance(v, (int, float))}}
+            rows.append(row)
+            if tracker is not None:
+                tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "step"}, step)
+            if progress:
+                progress(f"train:{method}", step + 1, cfg.steps, m["loss"])
+
+    t0 = time.perf_counter()
+    try:
+        with atomic_path(p.variant(method)) as tmp:
+            result = train(cfg, backbone, prompts, tmp / "checkpoints", callbacks=[Log()],
+                           reward_kwargs={"world_dir": params.world_dir})
+            save_lora(backbone.transformer, tmp / "adapter")
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            summary = {"method": method, "run_id": run_id, "steps": cfg.steps, "skipped": result["skipped"],
+                       "seconds": time.perf_counter() - t0, "final": result["last"],
+                       "adapter_sha256": sha256_of(tmp / "adapter"), "config": cfg.model_dump(mode="json")}
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    except BaseException:
+        if tracker is not None:
+            tracker.end_run(run_id, "FAILED")
+        raise
+    if tracker is not None:
+        tracker.log_artifact(run_id, p.variant(method) / "adapter", "adapter")
+        summary["model_version"] = tracker.register_variant(
+            run_id, params.promote.model_name, {"vae": p.world / "vae", "transformer": p.world / "transformer"},
+            p.variant(method) / "adapter", {"method": method, "run_id": run_id})
+        (p.variant(method) / "summary.json").write_text(json.dumps(summary, indent=2))
+        tracker.end_run(run_id)
+    return summary
+
+
+def _rollouts_sha(p: Paths) -> str:
+    index = p.rollouts / "index.json"
+    if not index.exists():
+        return "none"
+    from flowbp_ops.storage import sha256_of
+
+    return sha256_of(index)
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _diversity(backbone, prompts: list[str], n_seeds: int, steps: int, guidance, seed: int) -> tuple[float, Any]:
+    """Mean pairwise pixel distance between samples of the same prompt (and the samples)."""
+    from flowbp_ops.sampling import generate
+
+    batch = [p for p in prompts for _ in range(n_seeds)]
+    images = generate(backbone, batch, steps, guidance, seed=seed + 10_000)  # distinct seeds per copy
+    grid = images.view(len(prompts), n_seeds, *images.shape[1:])
+    flat = grid.flatten(2)
+    d = torch.cdist(flat, flat).sum((1, 2)) / (n_seeds * (n_seeds - 1))
+    return float(d.mean() / flat.shape[-1] ** 0.5), grid
+
+
+def _score(images, prompts, rewards: dict, classifier) -> dict[str, float]:
+    from flowbp_ops.evaluation import attribute_accuracy
+
+    out = {f"reward/{n}": float(r(images, prompts).mean()) for n, r in rewards.items()}
+    if classifier is not None:
+        out.update(attribute_accuracy(classifier, images, prompts))
+    return out
+
+
+def evaluation(params: Params, method: str, tracker=None) -> dict:
+    """Held-out metrics of a variant next to the base model's (from the cached rollouts), and the gates."""
+    from flowbp_ops.rewards.base import get_reward
+    from flowbp_ops.rollout_store import load_rollouts
+    from flowbp_ops.sampling import generate
+
+    p, r, e = paths(params), params.rollouts, params.eval
+    summary_file = p.variant(method) / "summary.json"
+    if not summary_file.exists():
+        raise FileNotFoundError(f"{summary_file} not found: train the variant first (trained_variant[{method}])")
+    summary = json.loads(summary_file.read_text())
+    rewards = {n: get_reward(n, world_dir=params.world_dir) for n in e.rewards}
+    classifier = getattr(rewards.get("align_heldout"), "net", None)
+    base_bb, bb = _backbone(params), _backbone(params, p.variant(method) / "adapter")
+
+    shards = list(load_rollouts(p.rollouts))
+    prompts = sum((s[0] for s in shards), [])
+    base_images = torch.cat([base_bb.decode(cache.x[-1]) for _, cache, _, _ in shards])
+    images = generate(bb, prompts, r.n_steps, r.guidance, seed=r.seed)  # same prompts, same noise
+    base = _score(base_images, prompts, rewards, classifier)
+    tuned = _score(images, prompts, rewards, classifier)
+    grid_prompts = prompts[: e.grid_prompts]
+    base["diversity"], base_grid = _diversity(base_bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed)
+    tuned["diversity"], grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed)
+    metrics = {"method": method, "n_prompts": len(prompts), "base": base, "variant": tuned,
+               "delta": {k: tuned[k] - base[k] for k in tuned}, "gates": gates(params, base, tuned),
+               "model_version": summary.get("model_version"), "run_id": summary.get("run_id")}
+    with atomic_path(p.evaluation(method)) as tmp:
+        tmp.mkdir()
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        save_grid(base_grid, grid, grid_prompts, tmp / "samples.png", f"{method}: base (left) vs tuned (right)")
+    if tracker is not None and summary.get("run_id"):
+        run_id = summary["run_id"]
+        tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in tuned.items()})
+        tracker.log_metrics(run_id, {f"eval_base/{k}": v for k, v in base.items()})
+        tracker.log_artifact(run_id, p.evaluation(method) / "samples.png", "samples")
+        tracker.log_artifact(run_id, p.evaluation(method) / "metrics.json", "evaluation")
+    return metrics
+
+
+def gates(params: Params, base: dict, tuned: dict) -> dict[str, dict]:
+    """The promotion gates (also Dagster's blocking asset checks): improvement, no hacking, no collapse."""
+    pr = params.promote
+    train_key = f"reward/{params.train.reward}"
+    out = {}
+    if train_key in tuned:
+        gain = tuned[train_key] - base[train_key]
+        out["reward_improved"] = {"passed": gain > pr.min_improvement, "gain": gain, "min": pr.min_improvement}
+    held = {k: tuned[k] - base[k] for k in tuned if k.startswith("reward/") and k != train_key}
+    worst = min(held.values()) if held else 0.0
+    out["heldout_not_collapsed"] = {"passed": worst >= -pr.heldout_tolerance, "worst_drop": worst, "deltas": held,
+                                    "tolerance": pr.heldout_tolerance}
+    ratio = tuned["diversity"] / max(base["diversity"], 1e-12)
+    out["diversity_not_collapsed"] = {"passed": ratio >= pr.min_diversity_ratio, "ratio": ratio,
+                                      "min_ratio": pr.min_diversity_ratio}
+    return out
+
+
+def save_grid(base_grid, grid, prompts: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = grid.shape[0], grid.shape[1]
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 0.9, rows * 0.95 + 0.4), squeeze=False)
+    for i in range(rows):
+        for j in range(2 * cols):
+            img = (base_grid if j < cols else grid)[i, j % cols].permute(1, 2, 0).clamp(0, 1).numpy()
+            ax = axes[i, j]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(prompts[i][:28], fontsize=5, rotation=0, ha="right", va="center")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- comparison and promotion ---------------------------------------------------------------------
+
+
+def method_comparison(params: Params, tracker=None) -> dict:
+    """The method table and plots over every evaluated variant."""
+    from flowbp_ops.comparison import compare
+
+    p = paths(params)
+    found = [m for m in params.methods if (p.evaluation(m) / "metrics.json").exists()]
+    if not found:
+        raise FileNotFoundError(f"no evaluated variants under {p.data / 'eval'}: run the evaluation stage first")
+    evals = {m: json.loads((p.evaluation(m) / "metrics.json").read_text()) for m in found}
+    curves = {m: [json.loads(line) for line in (p.variant(m) / "metrics.jsonl").read_text().splitlines()]
+              for m in found}
+    result = compare(evals, curves, p.comparison)
+    if tracker is not None:
+        run_id = tracker.start_run("method_comparison", {"kind": "comparison"})
+        for f in ["table.md", "comparison.json", "comparison.png", "curves.png"]:
+            tracker.log_artifact(run_id, p.comparison / f)
+        tracker.end_run(run_id)
+        result["run_id"] = run_id
+    return result
+
+
+def promoted_model(params: Params, tracker) -> dict:
+    """Promote the best variant whose gates all pass to ``champion`` (else leave it unchanged)."""
+    from flowbp_ops.tracking import PromotionError
+
+    p = paths(params)
+    table = json.loads((p.comparison / "comparison.json").read_text())
+    metric = params.promote.metric
+    ranked = sorted(table["variants"], key=lambda m: -table["variants"][m]["variant"][metric])
+    passing = [m for m in ranked if all(g["passed"] for g in table["variants"][m]["gates"].values())]
+    record: dict[str, Any] = {"metric": metric, "ranking": ranked, "passing": passing}
+    if not passing:
+        best = ranked[0]
+        record.update(promoted=None, reason=f"no variant passed every gate; best by {metric} was {best}")
+        version = table["variants"][best].get("model_version")
+        if version:
+            try:
+                tracker.promote(params.promote.model_name, version, table["variants"][best]["gates"])
+            except PromotionError as exc:
+                record["refusal"] = str(exc)
+    else:
+        best = passing[0]
+        v = table["variants"][best]
+        result = tracker.promote(params.promote.model_name, v["model_version"], v["gates"],
+                                 reason=f"best {metric} = {v['variant'][metric]:.4f} among passing variants")
+        record.update(promoted=best, version=v["model_version"], **result)
+    with atomic_path(p.promoted) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+    return record

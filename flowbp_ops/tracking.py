@@ -1,0 +1,176 @@
+"""MLflow: one run per trained variant, its adapter as a registered model, promotion by alias.
+
+The default store is embedded (``sqlite:///mlflow/mlflow.db``, artifacts under
+``mlflow/artifacts``); a server (``http://host:5000``, with S3 artifacts through boto3) is a
+change of ``tracking.tracking_uri`` / ``tracking.artifact_location`` in ``params.yaml``.
+
+Promotion uses registry aliases, never stages: ``candidate`` marks the version under review,
+``champion`` the one in use. ``promote`` moves ``champion`` only when every gate passes and
+records the gates as version tags; the model keeps the previous champion in a tag so that
+``rollback`` can restore it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from flowbp_ops.params import TrackingParams
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+class PromotionError(ValueError):
+    pass
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dvc_hash(path: str, lock_file: str | Path = "dvc.lock") -> str:
+    """The md5 DVC recorded for ``path`` in ``dvc.lock`` ('untracked' when DVC has not run it)."""
+    import yaml
+
+    lock = Path(lock_file)
+    if not lock.exists():
+        return "untracked"
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") == path:
+                return out.get("md5", "untracked")
+    return "untracked"
+
+
+class Tracker:
+    def __init__(self, cfg: TrackingParams = TrackingParams()):
+        self.cfg = cfg
+        uri = cfg.tracking_uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        self.client = MlflowClient(uri, uri)
+
+    def experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.cfg.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        loc = self.cfg.artifact_location
+        if "://" not in loc:
+            Path(loc).mkdir(parents=True, exist_ok=True)
+            loc = Path(loc).resolve().as_uri()
+        return self.client.create_experiment(self.cfg.experiment, artifact_location=loc)
+
+    def start_run(self, name: str, tags: dict[str, str], params: dict | None = None) -> str:
+        run = self.client.create_run(self.experiment_id(), run_name=name,
+                                     tags={"git.commit": git_commit(), **{k: str(v) for k, v in tags.items()}})
+        for k, v in flatten(params or {}).items():
+            self.client.log_param(run.info.run_id, k, json.dumps(v) if isinstance(v, (list, dict)) else v)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        rows = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if rows:
+            self.client.log_batch(run_id, metrics=rows)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_figure(self, run_id: str, figure, name: str) -> None:
+        self.client.log_figure(run_id, figure, name)
+
+    # -- the registry ------------------------------------------------------------------------
+
+    def register_variant(self, run_id: str, model_name: str, base_dirs: dict[str, Path], adapter_dir: Path,
+                         tags: dict[str, str]) -> str:
+        """Log base + adapter as a pyfunc model in ``run_id`` and register it; returns the version."""
+        import numpy as np
+        from mlflow.models import infer_signature
+
+        import flowbp_ops.registry_model_code as code
+
+        signature = infer_signature(["a prompt"], np.zeros((1, 32, 32, 3), dtype=np.uint8),
+                                    params={"steps": 20, "guidance": 4.0, "seed": 42})
+        with tempfile.TemporaryDirectory() as tmp:
+            base = Path(tmp) / "base"
+            for name, src in base_dirs.items():
+                shutil.copytree(src, base / name)
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=code.__file__,  # models from code: nothing pickled
+                    artifacts={"base": str(base), "adapter": str(adapter_dir)},
+                    signature=signature, pip_requirements=["flowbp"], metadata={"flowbp": tags})
+        mv = mlflow.register_model(info.model_uri, model_name, tags=tags)
+        return str(mv.version)
+
+    def alias_version(self, model_name: str, alias: str) -> str | None:
+        try:
+            return str(self.client.get_model_version_by_alias(model_name, alias).version)
+        except MlflowException:
+            return None
+
+    def promote(self, model_name: str, version: str, gates: dict[str, dict], reason: str = "") -> dict:
+        """Set ``candidate``; move ``champion`` to ``version`` only if every gate passed."""
+        self.client.set_registered_model_alias(model_name, CANDIDATE, version)
+        for gate, result in gates.items():
+            self.client.set_model_version_tag(model_name, version, f"gate.{gate}", json.dumps(result))
+        failed = [g for g, r in gates.items() if not r.get("passed")]
+        if failed:
+            self.client.set_model_version_tag(model_name, version, "promotion", f"refused: {', '.join(failed)}")
+            raise PromotionError(f"version {version} of {model_name} failed the gate(s) {', '.join(failed)}: "
+                                 f"{json.dumps({g: gates[g] for g in failed})}; champion unchanged "
+                                 f"({self.alias_version(model_name, CHAMPION)})")
+        previous = self.alias_version(model_name, CHAMPION)
+        if previous == version:
+            return {"champion": version, "previous": previous, "changed": False}
+        self.client.set_registered_model_alias(model_name, CHAMPION, version)
+        self.client.set_registered_model_tag(model_name, "previous_champion", previous or "")
+        self.client.set_model_version_tag(model_name, version, "promotion",
+                                          f"champion (was {previous or 'none'}){': ' + reason if reason else ''}")
+        return {"champion": version, "previous": previous, "changed": True}
+
+    def rollback(self, model_name: str) -> dict:
+        """Restore the champion before the last promotion."""
+        model = self.client.get_registered_model(model_name)
+        previous = model.tags.get("previous_champion")
+        current = self.alias_version(model_name, CHAMPION)
+        if not previous:
+            raise PromotionError(f"{model_name} has no previous champion to roll back to (champion: {current})")
+        self.client.set_registered_model_alias(model_name, CHAMPION, previous)
+        self.client.set_registered_model_tag(model_name, "previous_champion", current or "")
+        self.client.set_model_version_tag(model_name, current, "promotion", f"rolled back to {previous}")
+        return {"champion": previous, "previous": current}
+

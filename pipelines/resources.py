@@ -1,0 +1,69 @@
+"""Dagster resources: MLflow tracking, storage (local directory or S3) and compute (device, precision)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from flowbp_ops.params import TrackingParams
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """Where runs and models go. Unset fields come from ``params.yaml``'s ``tracking`` section (the
+    embedded store by default); set them to point a deployment at a server, e.g. ``http://mlflow:5000``."""
+
+    tracking_uri: str | None = None
+    artifact_location: str | None = None
+    experiment: str | None = None
+    ui_url: str = "http://127.0.0.1:5000"
+
+    def tracker(self, defaults: TrackingParams):
+        from flowbp_ops.tracking import Tracker
+
+        set_fields = {k: v for k, v in {"tracking_uri": self.tracking_uri, "artifact_location": self.artifact_location,
+                                        "experiment": self.experiment}.items() if v is not None}
+        return Tracker(defaults.model_copy(update=set_fields))
+
+    def run_url(self, tracker, run_id: str | None) -> str | None:
+        if not run_id:
+            return None
+        return f"{self.ui_url}/#/experiments/{tracker.experiment_id()}/runs/{run_id}"
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Stage outputs live under a local ``data`` directory; with ``remote`` (``s3://bucket/prefix``) each
+    stage also publishes them there through boto3 (endpoint from ``AWS_ENDPOINT_URL_S3``)."""
+
+    remote: str | None = None
+
+    def publish(self, paths: list[str | Path]) -> list[str]:
+        if not self.remote:
+            return []
+        from flowbp_ops.storage import s3_client, split_s3
+
+        bucket, prefix = split_s3(self.remote.rstrip("/") + "/")
+        s3, uris = s3_client(), []
+        for path in map(Path, paths):
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            for f in files:
+                key = f"{prefix}{f.as_posix()}"
+                s3.upload_file(str(f), bucket, key)
+            uris.append(f"s3://{bucket}/{prefix}{path.as_posix()}")
+        return uris
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Device and precision for training and evaluation (the GPU executors set ``device: cuda``)."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def check(self) -> None:
+        import torch
+
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"compute.device={self.device} but no CUDA device is visible: run on a GPU "
+                               f"executor or set the compute resource's device to cpu")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"compute.precision={self.precision!r}: choose fp32 or bf16")

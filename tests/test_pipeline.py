@@ -1,0 +1,190 @@
+"""The pipeline: params schema, prompt sets, the stage graph (Dagster = dvc.yaml), the whole chain
+through Dagster on a smoke world with MLflow runs and the registry, promotion gates and rollback."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flowbp_ops.params import Params, load_params
+from flowbp_ops.prompts import PromptSetError, prepare_prompt_set
+from flowbp_ops.surrogate.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = {
+    "world": {"n_images": 256, "vae_steps": 3, "vae_batch": 8, "flow_steps": 3, "flow_batch": 8, "reward_steps": 2,
+              "reward_batch": 8},
+    "rollouts": {"n_steps": 3, "n_prompts": 4, "shard_size": 3},
+    "train": {"steps": 2, "batch": 2, "rollout_steps": 4, "checkpoint_every": 1, "heldout_rewards": ["align_heldout"]},
+    "methods": ["flowbp_sparse", "refl"],
+    "eval": {"grid_prompts": 2, "diversity_seeds": 2},
+}
+
+
+def smoke_params(root: Path) -> dict:
+    return {**SMOKE, "world_dir": str(root / "data" / "world"), "data_dir": str(root / "data"),
+            "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "mlartifacts")}}
+
+
+def test_params_defaults_overrides_and_errors(tmp_path):
+    committed = load_params(ROOT / "params.yaml")
+    assert committed == Params()  # params.yaml holds exactly the schema's defaults
+    p = load_params(ROOT / "params.yaml", ["train.lr=3e-4", "methods=[\"refl\"]"])
+    assert p.train.lr == 3e-4 and p.methods == ["refl"] and p.train_config("drtune").method == "drtune"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lr: -1}\n")
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_params(bad)
+    bad.write_text("train: {nope: 1}\n")
+    with pytest.raises(ConfigError, match="train.nope"):
+        load_params(bad)
+    bad.write_text("methods: [made_up]\n")
+    with pytest.raises(ConfigError, match="made_up"):
+        load_params(bad)
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_prompt_sets_from_files_and_s3(tmp_path, s3_bucket):
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"prompt": "A  cat"}\n{"prompt": "a cat"}\n{"prompt": "a dog "}\n{"prompt": ""}\n'
+                   + "".join(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(20)))
+    meta = prepare_prompt_set(str(src), tmp_path / "out", eval_fraction=0.25, seed=3)
+    train = (tmp_path / "out" / "train.txt").read_text().splitlines()
+    test = (tmp_path / "out" / "test.txt").read_text().splitlines()
+    assert meta["n_raw"] == 24 and meta["n_duplicates_or_empty"] == 2 and len(train) + len(test) == 22
+    assert not set(train) & set(test) and "A cat" in train + test and "a dog" in train + test
+    prepare_prompt_set(str(src), tmp_path / "again", eval_fraction=0.25, seed=3)
+    assert (tmp_path / "again" / "test.txt").read_text().splitlines() == test  # fixed seed, same split
+    csv = tmp_path / "p.csv"
+    csv.write_text("id,caption\n1,red\n2,blue\n3,green\n")
+    with pytest.raises(PromptSetError, match="no column 'prompt'"):
+        prepare_prompt_set(str(csv), tmp_path / "c")
+    assert prepare_prompt_set(str(csv), tmp_path / "c", column="caption")["n_train"] == 2
+    for name, text, msg in [("e.txt", "\n  \n", "0 usable prompt"), ("m.json", "{not json", "malformed JSON"),
+                            ("o.json", '{"a": 1}', "JSON list"), ("n.jsonl", '{"prompt": 3}\n', "not a prompt string")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(PromptSetError, match=msg):
+            prepare_prompt_set(str(tmp_path / name), tmp_path / f"{name}.out")
+        assert not (tmp_path / f"{name}.out").exists()
+    s3, bucket = s3_bucket
+    s3.put_object(Bucket=bucket, Key="prompts/eval.txt", Body="one\ntwo\nthree\nfour\n".encode())
+    meta = prepare_prompt_set(f"s3://{bucket}/prompts/eval.txt", tmp_path / "s3", eval_fraction=0.5)
+    assert meta["n_train"] == 2 and meta["n_test"] == 2 and meta["source"].startswith("s3://")
+
+
+def test_one_graph_for_dagster_and_dvc():
+    from pipelines.definitions import ASSETS, defs
+    from pipelines.graph import STAGES, dvc_yaml
+
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), "dvc.yaml drifted: run `flowbp pipeline dvc-yaml`"
+    graph = defs.resolve_asset_graph()
+    for stage in STAGES:
+        key = next(a.key for a in ASSETS if a.key.to_user_string() == stage.name)
+        parents = {k.to_user_string() for k in graph.get(key).parent_keys}
+        assert parents == set(stage.deps), stage.name
+        assert (graph.get(key).partitions_def is not None) == stage.per_method
+    dvc = yaml.safe_load(dvc_yaml())["stages"]
+    assert set(dvc) == {s.name for s in STAGES}
+    assert dvc["trained_variant"]["foreach"] == "${methods}"
+    assert "data/variants/${item}/adapter" in dvc["evaluation"]["do"]["deps"]
+
+
+def test_dagster_config_is_the_library_schema():
+    from pipelines.config import section_config
+    from flowbp_ops.training.config import TrainConfig
+
+    cls = section_config("TrainConfig", TrainConfig, TrainConfig())
+    assert set(cls.model_fields) == set(TrainConfig.model_fields)
+    assert cls.model_fields["lr"].default == TrainConfig().lr
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(smoke_params(root)))
+    from pipelines.run import run_chain
+
+    old = os.environ.get("DAGSTER_HOME")
+    os.environ.pop("DAGSTER_HOME", None)  # an ephemeral instance
+    try:
+        result = run_chain(params_file)
+    finally:
+        if old:
+            os.environ["DAGSTER_HOME"] = old
+    return root, load_params(params_file), result
+
+
+def test_chain_materializes_every_stage_and_tracks_in_mlflow(chain):
+    from mlflow import MlflowClient
+
+    root, params, result = chain
+    assert result["prepare"]["success"] and result["compare_and_promote"]["success"]
+    data = root / "data"
+    for m in params.methods:
+        # on a smoke world nothing improves: the blocking gate says so and the variant run stops there
+        checks = result["variants"][m]["checks"]
+        assert checks["finite_weights"] is True and checks["reward_improved"] is False
+        assert (data / "variants" / m / "adapter" / "pytorch_lora_weights.safetensors").exists()
+        ev = json.loads((data / "eval" / m / "metrics.json").read_text())
+        assert ev["n_prompts"] == 4 and set(ev["gates"]) == {"reward_improved", "heldout_not_collapsed",
+                                                             "diversity_not_collapsed"}
+    assert json.loads((data / "rollouts" / "index.json").read_text())["n_prompts"] == 4
+    assert (data / "comparison" / "curves.png").exists() and "flowbp_sparse" in (data / "comparison" / "table.md").read_text()
+    promoted = json.loads((data / "promoted.json").read_text())
+    assert promoted["promoted"] is None and "no variant passed" in promoted["reason"]
+
+    client = MlflowClient(params.tracking.tracking_uri)
+    exp = client.get_experiment_by_name("flowbp")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert {"flowbp_sparse", "refl", "method_comparison"} <= set(runs)
+    run = runs["flowbp_sparse"]
+    assert run.data.tags["dagster.partition"] == "flowbp_sparse" and run.data.tags["dagster.run_id"]
+    assert run.data.tags["rollouts.sha256"] != "none" and len(run.data.tags["git.commit"]) >= 7
+    assert run.data.params["train.lr"] == str(params.train.lr) and "eval/reward/align" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "reward")) == params.train.steps
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "samples", "evaluation"} <= arts
+    versions = client.search_model_versions("name='flowbp-default'")
+    assert {v.tags["method"] for v in versions} == set(params.methods)
+    assert {v.run_id for v in versions} == {runs[m].info.run_id for m in params.methods}
+
+
+def test_promotion_gates_aliases_and_rollback(chain):
+    import mlflow
+
+    from flowbp_ops.tracking import PromotionError, Tracker
+
+    root, params, _ = chain
+    tracker = Tracker(params.tracking)
+    name = params.promote.model_name
+    v1, v2 = sorted(str(v.version) for v in tracker.client.search_model_versions(f"name='{name}'"))[:2]
+    ok = {"reward_improved": {"passed": True}}
+    assert tracker.promote(name, v1, ok)["champion"] == v1
+    with pytest.raises(PromotionError, match="reward_improved"):
+        tracker.promote(name, v2, {"reward_improved": {"passed": False, "gain": -0.1}})
+    assert tracker.alias_version(name, "champion") == v1 and tracker.alias_version(name, "candidate") == v2
+    assert tracker.promote(name, v2, ok) == {"champion": v2, "previous": v1, "changed": True}
+    assert tracker.rollback(name)["champion"] == v1
+    assert tracker.alias_version(name, "champion") == v1
+    # the registered model loads by alias and draws images with the adapter
+    mlflow.set_tracking_uri(params.tracking.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    images = model.predict(["a small red 7 on the left"], params={"steps": 2})
+    assert images.shape == (1, 32, 32, 3) and images.dtype.name == "uint8"
+
+
+def test_stage_cli_refuses_bad_input(tmp_path, capsys):
+    from flowbp_ops.cli import main
+
+    assert main(["stage", "trained_variant", "--params", str(tmp_path / "none.yaml")]) == 2
+    assert "needs --method" in capsys.readouterr().err
+    assert main(["stage", "prompt_sets", "--method", "refl", "--params", str(tmp_path / "none.yaml")]) == 2
+    assert main(["stage", "evaluation", "--method", "refl", "--set", f"data_dir={tmp_path}"]) == 2
+    assert "train the variant first" in capsys.readouterr().err
