@@ -75,6 +75,7 @@ def run_one(world: str, variant: str, seed: int, sets: list[str], out_file: Path
         result.update(curve=curve, peak_mb=peak_mb,
                       time_step=statistics.median(c["time_step"] for c in curve[1:] or curve))
     result["eval"] = evaluate(backbone, test_prompts, rewards, 20, 4.0, rewards["align_heldout"].net)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp_file = out_file.with_suffix(".partial")
     tmp_file.write_text(json.dumps(result))
     tmp_file.rename(out_file)

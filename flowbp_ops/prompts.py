@@ -139,6 +139,6 @@ def load_prompt_set(prompts_dir: str | Path, split: str) -> list[str]:
     if split not in ("train", "test"):
         raise PromptSetError(f"split {split!r}: choose train or test")
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: prepare the prompt set first (flowbp world build, or the "
-                                f"prompt_sets stage)")
+        raise FileNotFoundError(f"{path} not found: build the default world first (flowbp world build), or run "
+                                f"the prompt_sets stage")
     return [line for line in path.read_text().splitlines() if line]

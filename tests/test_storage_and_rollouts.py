@@ -49,7 +49,8 @@ def test_cached_rollouts_round_trip_and_match_sampling(world, tmp_path):
     loaded = list(load_rollouts(tmp_path / "r"))
     assert sum((p for p, *_ in loaded), []) == prompts
     x_n = torch.cat([cache.x[-1] for _, cache, _, _ in loaded])
-    assert torch.equal(bb.decode(x_n), generate(bb, prompts, 4, 4.0, seed=42))  # same samples as sampling
+    # same samples as sampling (same noise seeds; batch composition may change the last float bits)
+    torch.testing.assert_close(bb.decode(x_n), generate(bb, prompts, 4, 4.0, seed=42), atol=1e-5, rtol=1e-4)
     _, cache, cond, seeds = loaded[0]
     assert len(cache.x) == 5 and len(cache.v) == 4 and seeds.tolist() == [42, 43]
     assert torch.equal(cond.pos["tokens"], bb.conditioning(prompts[:2], 4.0).pos["tokens"])

@@ -10,14 +10,14 @@ class WorldConfig(BaseModel):
 
     seed: int = 0
     n_images: int = Field(16000, ge=8, description="rendered training images of the generator")
-    vae_steps: int = Field(300, ge=1)
+    vae_steps: int = Field(250, ge=1)
     vae_batch: int = Field(32, ge=1)
     vae_lr: float = Field(2e-3, gt=0)
-    flow_steps: int = Field(2800, ge=1, description="rectified-flow training steps of the transformer")
+    flow_steps: int = Field(3400, ge=1, description="rectified-flow training steps of the transformer")
     flow_batch: int = Field(32, ge=1)
     flow_lr: float = Field(1e-3, gt=0)
     cfg_dropout: float = Field(0.1, ge=0, lt=1, description="share of empty prompts (for real CFG)")
-    reward_steps: int = Field(300, ge=1, description="training steps of each reward net")
+    reward_steps: int = Field(250, ge=1, description="training steps of each reward net")
     reward_batch: int = Field(128, ge=1)
 
     @classmethod
