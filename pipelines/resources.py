@@ -47,10 +47,17 @@ class StorageResource(dg.ConfigurableResource):
         for path in map(Path, paths):
             files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
             for f in files:
-                key = f"{prefix}{f.as_posix()}"
-                s3.upload_file(str(f), bucket, key)
-            uris.append(f"s3://{bucket}/{prefix}{path.as_posix()}")
+                s3.upload_file(str(f), bucket, prefix + _key(f))
+            uris.append(f"s3://{bucket}/{prefix}{_key(path)}")
         return uris
+
+
+def _key(path: Path) -> str:
+    """The object key of a local output: its path relative to the working directory (the repo)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix().lstrip("/")
 
 
 class ComputeResource(dg.ConfigurableResource):

@@ -188,3 +188,26 @@ def test_stage_cli_refuses_bad_input(tmp_path, capsys):
     assert main(["stage", "prompt_sets", "--method", "refl", "--params", str(tmp_path / "none.yaml")]) == 2
     assert main(["stage", "evaluation", "--method", "refl", "--set", f"data_dir={tmp_path}"]) == 2
     assert "train the variant first" in capsys.readouterr().err
+
+
+def test_storage_resource_publishes_to_s3_and_compute_refuses_missing_gpu(tmp_path, s3_bucket, monkeypatch):
+    from pipelines.resources import ComputeResource, StorageResource
+
+    s3, bucket = s3_bucket
+    out = tmp_path / "data" / "rollouts"
+    out.mkdir(parents=True)
+    (out / "index.json").write_text("{}")
+    (out / "shard-00000.safetensors").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    uris = StorageResource(remote=f"s3://{bucket}/runs/1").publish([Path("data/rollouts")])
+    assert uris == [f"s3://{bucket}/runs/1/data/rollouts"]
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert keys == {"runs/1/data/rollouts/index.json", "runs/1/data/rollouts/shard-00000.safetensors"}
+    assert StorageResource().publish([Path("data/rollouts")]) == []  # local only: nothing uploaded
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            ComputeResource(device="cuda").check()
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        ComputeResource(precision="fp16").check()
