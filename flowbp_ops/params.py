@@ -59,7 +59,8 @@ class PromoteParams(_Section):
     model_name: str = "flowbp-default"
     metric: str = Field("reward/align", description="the evaluation metric that picks the best variant")
     min_improvement: float = Field(0.0, description="training reward must beat the base model by more than this")
-    heldout_tolerance: float = Field(0.05, ge=0, description="held-out rewards may drop at most this much vs base")
+    heldout_tolerance_sd: float = Field(0.25, ge=0, description="held-out rewards may fall at most this many "
+                                        "standard deviations of the base model's scores")
     min_diversity_ratio: float = Field(0.5, ge=0, description="sample diversity must keep this fraction of the base's")
 
 

@@ -195,7 +195,10 @@ def _diversity(backbone, prompts: list[str], n_seeds: int, steps: int, guidance,
 def _score(images, prompts, rewards: dict, classifier) -> dict[str, float]:
     from flowbp_ops.evaluation import attribute_accuracy
 
-    out = {f"reward/{n}": float(r(images, prompts).mean()) for n, r in rewards.items()}
+    out = {}
+    for n, r in rewards.items():
+        scores = r(images, prompts)
+        out[f"reward/{n}"], out[f"reward_std/{n}"] = float(scores.mean()), float(scores.std())
     if classifier is not None:
         out.update(attribute_accuracy(classifier, images, prompts))
     return out
@@ -212,7 +215,8 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
     if not summary_file.exists():
         raise FileNotFoundError(f"{summary_file} not found: train the variant first (trained_variant[{method}])")
     summary = json.loads(summary_file.read_text())
-    rewards = {n: get_reward(n, world_dir=params.world_dir) for n in e.rewards}
+    names = dict.fromkeys([params.train.reward, *e.rewards])  # the training reward (maybe a composite) first
+    rewards = {n: get_reward(n, world_dir=params.world_dir) for n in names}
     classifier = getattr(rewards.get("align_heldout"), "net", None)
     base_bb, bb = _backbone(params), _backbone(params, p.variant(method) / "adapter")
 
@@ -242,17 +246,21 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
 
 
 def gates(params: Params, base: dict, tuned: dict) -> dict[str, dict]:
-    """The promotion gates (also Dagster's blocking asset checks): improvement, no hacking, no collapse."""
+    """The promotion gates (also Dagster's blocking asset checks): improvement, no hacking, no collapse.
+
+    Held-out rewards live on different scales (probabilities, logits), so their change is
+    measured in standard deviations of the base model's scores on the same prompts.
+    """
     pr = params.promote
     train_key = f"reward/{params.train.reward}"
     out = {}
-    if train_key in tuned:
-        gain = tuned[train_key] - base[train_key]
-        out["reward_improved"] = {"passed": gain > pr.min_improvement, "gain": gain, "min": pr.min_improvement}
-    held = {k: tuned[k] - base[k] for k in tuned if k.startswith("reward/") and k != train_key}
+    gain = tuned[train_key] - base[train_key]
+    out["reward_improved"] = {"passed": gain > pr.min_improvement, "gain": gain, "min": pr.min_improvement}
+    held = {k.removeprefix("reward/"): (tuned[k] - base[k]) / max(base[k.replace("reward/", "reward_std/")], 1e-8)
+            for k in tuned if k.startswith("reward/") and k != train_key}
     worst = min(held.values()) if held else 0.0
-    out["heldout_not_collapsed"] = {"passed": worst >= -pr.heldout_tolerance, "worst_drop": worst, "deltas": held,
-                                    "tolerance": pr.heldout_tolerance}
+    out["heldout_not_collapsed"] = {"passed": worst >= -pr.heldout_tolerance_sd, "worst_change_sd": worst,
+                                    "change_sd": held, "tolerance_sd": pr.heldout_tolerance_sd}
     ratio = tuned["diversity"] / max(base["diversity"], 1e-12)
     out["diversity_not_collapsed"] = {"passed": ratio >= pr.min_diversity_ratio, "ratio": ratio,
                                       "min_ratio": pr.min_diversity_ratio}
