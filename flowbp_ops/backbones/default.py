@@ -15,13 +15,11 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch import Tensor
 
 from flowbp_ops.backbones.schedules import get_schedule
-from flowbp_ops.backbones.sd3 import SD3Velocity
+from flowbp_ops.backbones.sd3 import SD3_LORA_TARGETS, SD3Velocity
 from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
 from flowbp_ops.world.base_model import decode_latents
 from flowbp_ops.world.text import MiniLMTextEncoder
 
-# the attention projections of SD3's joint blocks (image and text streams), as diffusers' SD3 LoRA recipe
-SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 class DefaultBackbone:
