@@ -15,8 +15,11 @@ from flowbp_ops.atomic import atomic_path
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def save_lora(transformer: torch.nn.Module, out_dir: str | Path, adapter_name: str = "default") -> Path:
-    from diffusers import StableDiffusion3Pipeline
+def save_lora(transformer: torch.nn.Module, out_dir: str | Path, adapter_name: str = "default",
+              pipeline_class: str = "StableDiffusion3Pipeline") -> Path:
+    """Write the adapter with the matching pipeline's ``save_lora_weights`` (SD3: ``StableDiffusion3Pipeline``,
+    FLUX.1: ``FluxPipeline``), so that pipeline's ``load_lora_weights`` reads it."""
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
     if adapter_name not in getattr(transformer, "peft_config", {}):
@@ -25,8 +28,8 @@ def save_lora(transformer: torch.nn.Module, out_dir: str | Path, adapter_name: s
             for k, v in transformer.peft_config[adapter_name].to_dict().items()}
     layers = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     with atomic_path(out_dir) as tmp:
-        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=layers,
-                                                   transformer_lora_adapter_metadata=meta)
+        getattr(diffusers, pipeline_class).save_lora_weights(tmp, transformer_lora_layers=layers,
+                                                             transformer_lora_adapter_metadata=meta)
     return Path(out_dir) / WEIGHT_NAME
 
 

@@ -82,6 +82,22 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0 if result["success"] else 1
 
 
+def _cmd_preset(args: argparse.Namespace) -> int:
+    from flowbp_ops.params import dump_params
+    from flowbp_ops.presets import get_preset, preset_names
+
+    if args.name is None:
+        print("\n".join(preset_names()))
+        return 0
+    text = dump_params(get_preset(args.name))
+    if args.out:
+        Path(args.out).write_text(text)
+        print(args.out)
+    else:
+        print(text)
+    return 0
+
+
 def add_commands(sub) -> None:
     def common(p):
         p.add_argument("--params", default="params.yaml")
@@ -99,6 +115,11 @@ def add_commands(sub) -> None:
     pr.add_argument("--rollback", action="store_true", help="restore the previous champion")
     common(pr)
     pr.set_defaults(func=_cmd_promote)
+
+    ps = sub.add_parser("preset", help="the authors' recipe for <backbone>/<method> as a params.yaml")
+    ps.add_argument("name", nargs="?", default=None, help="e.g. sd35/flowbp_lagrange (none: list them)")
+    ps.add_argument("--out", default=None, help="write to this file (e.g. params.yaml) instead of stdout")
+    ps.set_defaults(func=_cmd_preset)
 
     pp = sub.add_parser("pipeline", help="the whole chain through Dagster, or dvc.yaml from the graph")
     psub = pp.add_subparsers(dest="pipeline_command", required=True)

@@ -26,12 +26,16 @@ class PromptParams(_Section):
     source: str = Field("default", description="default, a local file, s3://bucket/key or hf://datasets/owner/name/file")
     column: str = Field("prompt", description="field or column holding the prompt in .jsonl/.json/.csv files")
     eval_fraction: float = Field(0.2, gt=0, lt=1)
+    eval_source: str | None = Field(None, description="a separate held-out prompt file (then no random split)")
     seed: int = 0
 
 
 class RewardParams(_Section):
-    source: str = Field("default", description="default (train the world's reward nets) or a folder URI")
+    source: str = Field("default", description="default (train the world's reward nets), or a folder URI "
+                                               "holding one sub-folder per reward")
     sha256: str | None = Field(None, description="expected checksum of a fetched source")
+    models: dict[str, str] = Field(default_factory=dict, description="per reward: a URI to fetch into rewards/<name>")
+    checksums: dict[str, str] = Field(default_factory=dict, description="per reward: the expected SHA-256")
 
 
 class BaseModelParams(_Section):
@@ -42,9 +46,9 @@ class BaseModelParams(_Section):
 class RolloutParams(_Section):
     n_steps: int = Field(20, ge=1)
     guidance: float | None = 4.0
-    n_prompts: int = Field(64, ge=1, description="held-out prompts rolled out with the base model (the eval set)")
+    n_prompts: int = Field(200, ge=1, description="held-out prompts rolled out with the base model (the eval set)")
     seed: int = 42
-    shard_size: int = Field(32, ge=1)
+    shard_size: int = Field(50, ge=1)
 
 
 class EvalParams(_Section):
@@ -59,7 +63,7 @@ class PromoteParams(_Section):
     model_name: str = "flowbp-default"
     metric: str = Field("reward/align", description="the evaluation metric that picks the best variant")
     min_improvement: float = Field(0.0, description="training reward must beat the base model by more than this")
-    heldout_tolerance_sd: float = Field(0.25, ge=0, description="held-out rewards may fall at most this many "
+    heldout_tolerance_sd: float = Field(0.5, ge=0, description="held-out rewards may fall at most this many "
                                         "standard deviations of the base model's scores")
     min_diversity_ratio: float = Field(0.5, ge=0, description="sample diversity must keep this fraction of the base's")
 

@@ -79,23 +79,29 @@ def clean(prompts: list[str]) -> list[str]:
 
 
 def prepare_prompt_set(source: str, out_dir: str | Path, eval_fraction: float = 0.2, seed: int = 0,
-                       column: str = "prompt") -> dict:
-    """Write ``out_dir/{train,test}.txt`` and ``meta.json`` from ``source``; returns the metadata."""
+                       column: str = "prompt", eval_source: str | None = None) -> dict:
+    """Write ``out_dir/{train,test}.txt`` and ``meta.json`` from ``source``; returns the metadata.
+
+    With ``eval_source`` the held-out split is that whole file (e.g. the HPDv2 eval prompts)
+    and the training split is ``source`` minus any prompt that also appears there.
+    """
     if source == "default":
         return default_prompt_set(out_dir, seed)
+    if not source:
+        raise PromptSetError("prompts.source is empty: set it to your training prompt file (local, s3:// or hf://)")
+    if eval_source:
+        train, digest, raw = _load(source, column)
+        test, eval_digest, _ = _load(eval_source, column)
+        held = {p.lower() for p in test}
+        train = [p for p in train if p.lower() not in held]
+        if not train or not test:
+            raise PromptSetError(f"{source!r} / {eval_source!r}: need prompts in both (after removing the overlap)")
+        meta = {"source": source, "sha256": digest, "eval_source": eval_source, "eval_sha256": eval_digest,
+                "seed": seed, "n_raw": len(raw), "n_duplicates_or_empty": len(raw) - len(train)}
+        return _write(out_dir, train, test, meta)
     if not 0 < eval_fraction < 1:
         raise PromptSetError(f"eval_fraction={eval_fraction}: must be strictly between 0 and 1")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / Path(source.rstrip("/")).name
-        digest = fetch(source, local)
-        if local.is_dir():
-            raise PromptSetError(f"{source!r} is a folder: point at one prompt file")
-        try:
-            text = local.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise PromptSetError(f"{source!r} is not UTF-8 text: give a .txt/.jsonl/.json/.csv prompt file") from None
-    raw = parse_prompt_file(source, text, column)
-    prompts = clean(raw)
+    prompts, digest, raw = _load(source, column)
     if len(prompts) < 2:
         raise PromptSetError(f"{source!r} has {len(prompts)} usable prompt(s) after cleaning: need at least 2 "
                              f"(one to train on, one to hold out)")
@@ -107,6 +113,21 @@ def prepare_prompt_set(source: str, out_dir: str | Path, eval_fraction: float = 
     meta = {"source": source, "sha256": digest, "seed": seed, "eval_fraction": eval_fraction,
             "n_raw": len(raw), "n_duplicates_or_empty": len(raw) - len(prompts)}
     return _write(out_dir, train, test, meta)
+
+
+def _load(source: str, column: str) -> tuple[list[str], str, list[str]]:
+    """(clean prompts, SHA-256 of the file, raw prompts) of one prompt file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(source.rstrip("/")).name
+        digest = fetch(source, local)
+        if local.is_dir():
+            raise PromptSetError(f"{source!r} is a folder: point at one prompt file")
+        try:
+            text = local.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PromptSetError(f"{source!r} is not UTF-8 text: give a .txt/.jsonl/.json/.csv prompt file") from None
+    raw = parse_prompt_file(source, text, column)
+    return clean(raw), digest, raw
 
 
 def default_prompt_set(out_dir: str | Path, seed: int = 0) -> dict:

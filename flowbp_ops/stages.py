@@ -61,17 +61,22 @@ def prompt_sets(params: Params) -> dict:
     from flowbp_ops.prompts import prepare_prompt_set
 
     p = params.prompts
-    return prepare_prompt_set(p.source, paths(params).prompts, p.eval_fraction, p.seed, p.column)
+    return prepare_prompt_set(p.source, paths(params).prompts, p.eval_fraction, p.seed, p.column, p.eval_source)
 
 
 def reward_models(params: Params, progress: Callable | None = None) -> dict:
     from flowbp_ops.storage import fetch
     from flowbp_ops.world.build import build_reward_models
 
-    if params.rewards.source == "default":
-        return build_reward_models(params.world_dir, params.world, progress)
-    digest = fetch(params.rewards.source, paths(params).rewards, params.rewards.sha256)
-    return {"source": params.rewards.source, "sha256": digest}
+    r, target = params.rewards, paths(params).rewards
+    meta = {}
+    if r.source == "default":
+        meta = build_reward_models(params.world_dir, params.world, progress)
+    elif r.source:
+        meta = {"source": r.source, "sha256": fetch(r.source, target, r.sha256)}
+    for name, uri in r.models.items():  # e.g. pickscore: hf://yuvalkirstain/PickScore_v1@<revision>
+        meta[f"{name}.sha256"] = fetch(uri, target / name, r.checksums.get(name))
+    return meta
 
 
 def base_model(params: Params, progress: Callable | None = None) -> dict:

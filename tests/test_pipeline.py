@@ -72,6 +72,14 @@ def test_prompt_sets_from_files_and_s3(tmp_path, s3_bucket):
         with pytest.raises(PromptSetError, match=msg):
             prepare_prompt_set(str(tmp_path / name), tmp_path / f"{name}.out")
         assert not (tmp_path / f"{name}.out").exists()
+    tr, ev = tmp_path / "train.txt", tmp_path / "eval.txt"
+    tr.write_text("one\ntwo\nshared\n")
+    ev.write_text("Shared\nthree\n")
+    meta = prepare_prompt_set(str(tr), tmp_path / "sep", eval_source=str(ev))  # a separate held-out file
+    assert (tmp_path / "sep" / "train.txt").read_text().split() == ["one", "two"]  # the overlap is removed
+    assert (tmp_path / "sep" / "test.txt").read_text().splitlines() == ["Shared", "three"]
+    with pytest.raises(PromptSetError, match="prompts.source is empty"):
+        prepare_prompt_set("", tmp_path / "empty")
     s3, bucket = s3_bucket
     s3.put_object(Bucket=bucket, Key="prompts/eval.txt", Body="one\ntwo\nthree\nfour\n".encode())
     meta = prepare_prompt_set(f"s3://{bucket}/prompts/eval.txt", tmp_path / "s3", eval_fraction=0.5)

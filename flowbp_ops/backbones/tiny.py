@@ -27,13 +27,15 @@ FULL = {
 }
 
 
+# character-level CLIP vocabulary (no merges): every prompt of letters and digits tokenizes to distinct ids
+CLIP_VOCAB = ["<|startoftext|>", "<|endoftext|>", "!"] + [c + e for e in ("", "</w>") for c in
+                                                         "abcdefghijklmnopqrstuvwxyz0123456789,.:"]
+
+
 def _clip_tokenizer(max_length: int):
     from transformers import CLIPTokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for w in WORDS:
-        vocab[w + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(CLIP_VOCAB)}, merges=[], model_max_length=max_length)
 
 
 def _t5_tokenizer(max_length: int):
@@ -43,14 +45,14 @@ def _t5_tokenizer(max_length: int):
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def _clip_text(hidden: int, proj: int, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def _clip_text(hidden: int, proj: int, seed: int, with_projection: bool = True):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=len(WORDS) + 3, hidden_size=hidden, intermediate_size=2 * hidden,
+    cfg = CLIPTextConfig(vocab_size=len(CLIP_VOCAB), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=2, projection_dim=proj, max_position_embeddings=32,
                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return CLIPTextModelWithProjection(cfg)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
 
 
 def _t5(d_model: int, seed: int):
@@ -82,8 +84,8 @@ def tiny_sd35_pipeline(seed: int = 0):
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(4, seed, shift_factor=0.0609, scaling_factor=1.5305),
-        text_encoder=_clip_text(8, 8, seed + 1), tokenizer=_clip_tokenizer(16),
-        text_encoder_2=_clip_text(8, 8, seed + 2), tokenizer_2=_clip_tokenizer(16),
+        text_encoder=_clip_text(8, 8, seed + 1), tokenizer=_clip_tokenizer(32),
+        text_encoder_2=_clip_text(8, 8, seed + 2), tokenizer_2=_clip_tokenizer(32),
         text_encoder_3=_t5(32, seed + 3), tokenizer_3=_t5_tokenizer(16))
 
 
@@ -99,7 +101,7 @@ def tiny_flux1_pipeline(seed: int = 0):
                                             base_image_seq_len=256, max_image_seq_len=4096)
     return FluxPipeline(transformer=transformer, scheduler=sched, vae=_vae(4, seed, shift_factor=0.1159,
                                                                             scaling_factor=0.3611),
-                        text_encoder=_clip_text(8, 8, seed + 1), tokenizer=_clip_tokenizer(16),
+                        text_encoder=_clip_text(8, 8, seed + 1, with_projection=False), tokenizer=_clip_tokenizer(32),
                         text_encoder_2=_t5(32, seed + 3), tokenizer_2=_t5_tokenizer(16))
 
 

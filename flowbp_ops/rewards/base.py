@@ -59,17 +59,20 @@ def get_reward(name: str, **kwargs) -> Reward:
             n, _, w = item.partition(":")
             parts[n.strip()] = (float(w) if w else 1.0, get_reward(n.strip(), **kwargs))
         return Composite(parts)
-    import flowbp_ops.rewards.world  # noqa: F401  (registers the default world's rewards)
-
+    _register_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}: registered are {', '.join(sorted(_REGISTRY)) or 'none'}")
     return _REGISTRY[name](**kwargs)
 
 
 def registered() -> list[str]:
-    import flowbp_ops.rewards.world  # noqa: F401
-
+    _register_builtin()
     return sorted(_REGISTRY)
+
+
+def _register_builtin() -> None:
+    import flowbp_ops.rewards.clip  # noqa: F401  (clipscore, pickscore)
+    import flowbp_ops.rewards.world  # noqa: F401  (the default world's rewards)
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

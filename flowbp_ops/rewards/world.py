@@ -5,7 +5,8 @@
   digit, colour, size and position (a mean would hide a wrong digit behind three right
   easy attributes).
 * ``quality``: a realism critic, the logit that an image is a clean render rather than a
-  degraded one (noise, blur, washed-out or clipped colour, stray blobs).
+  degraded one (noise, blur, washed-out or clipped colour, stray blobs); ``realism`` is the
+  same critic's probability, bounded for weighted composites.
 * ``align_heldout`` and ``quality_heldout`` (play PickScore / ImageReward): the same
   questions answered by independently trained models of another architecture, on another
   half of the digits and another seed. They are never used for training, so a training
@@ -83,14 +84,15 @@ class AlignmentReward:
 
 
 class QualityReward:
-    """The critic's logit that the image is a clean render."""
+    """The critic's logit that the image is a clean render (``probability=True``: its sigmoid, in [0, 1])."""
 
-    def __init__(self, net: ConvNet, name: str):
-        self.net, self.name = net, name
+    def __init__(self, net: ConvNet, name: str, probability: bool = False):
+        self.net, self.name, self.probability = net, name, probability
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         check_images(images, prompts)
-        return self.net(images)["real"][:, 0]
+        logit = self.net(images)["real"][:, 0]
+        return torch.sigmoid(logit) if self.probability else logit
 
 
 def _path(world_dir: str | Path, name: str) -> Path:
@@ -100,3 +102,6 @@ def _path(world_dir: str | Path, name: str) -> Path:
 for _name, _kind in [("align", AlignmentReward), ("align_heldout", AlignmentReward),
                      ("quality", QualityReward), ("quality_heldout", QualityReward)]:
     register(_name)(lambda world_dir, _n=_name, _k=_kind, **_: _k(load_net(_path(world_dir, _n)), _n))
+# bounded realism for composites with the alignment probability ("align:0.7,realism:0.3"): the logit is
+# unbounded and a composite with it is won by pushing the critic alone
+register("realism")(lambda world_dir, **_: QualityReward(load_net(_path(world_dir, "quality")), "realism", True))

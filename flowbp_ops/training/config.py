@@ -13,7 +13,7 @@ class TrainConfig(BaseModel):
     method: str = "flowbp_lagrange"
     backbone: str = "default"
     seed: int = 0
-    steps: int = Field(60, ge=1, description="optimizer steps")
+    steps: int = Field(200, ge=1, description="optimizer steps")
     batch: int = Field(4, ge=1, description="prompts per step")
     rollout_steps: int = Field(10, ge=1, description="N, sampling steps of the training rollout")
     guidance: float | None = Field(4.0, description="real CFG scale (None: no CFG)")
@@ -25,7 +25,7 @@ class TrainConfig(BaseModel):
     finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(8.0, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(3e-4, gt=0)  # measured on the default world: 200 × 3e-4 beats 60 × 1e-3 (README)
     weight_decay: float = Field(1e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

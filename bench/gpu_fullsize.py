@@ -1,0 +1,167 @@
+"""Full-size proof on a GPU: every method on the SD3.5-M transformer (and FLUX.1-dev where memory allows).
+
+    python bench/gpu_fullsize.py --arch sd35 --out bench/results/gpu_sd35.json     # ~6 min on an H100/H200
+
+Builds the real transformer architecture from its published config (random init, bf16 — no
+weights can be downloaded), attaches a peft LoRA (rank 32) with gradient checkpointing, and
+for 512×512 latents, 25-step rollouts with CFG (batch 2, SD3.5) or embedded guidance (FLUX.1),
+measures per method: peak GPU memory of a training step, its wall time, and the physical
+limit measured in the same run (one no-grad rollout + |A| forward/backward passes), plus full
+backprop (checkpointed) for comparison. The loss is a fixed random differentiable function of
+the endpoint latent (the VAE decode and the reward model are the same for every method and
+are left out). Targets: every surrogate within 1.15× of its limit; peak memory independent
+of N (run ``--steps 10 25 50`` to see it).
+
+The GPU machine's image has torch but not diffusers: carry the wheel
+(``pip download --no-deps --only-binary=:all: --python-version 3.12 diffusers==0.42.1
+importlib_metadata -d wheels``) and ``pip install wheels/*`` first. On torch 2.11 the FLUX.1
+backward crashes in the cuDNN attention backend; it is disabled here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from flowbp_ops.backbones.schedules import get_schedule
+from flowbp_ops.backbones.tiny import FULL
+from flowbp_ops.methods import METHODS, get_method
+from flowbp_ops.surrogate.compose import surrogate_step
+from flowbp_ops.surrogate.plan import build_plan
+from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
+
+
+# --smoke: the same code on CPU with small configs of the same architectures (checks the script, not the card)
+SMOKE = {"sd35": dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+                      num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                      pooled_projection_dim=16, pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,)),
+         "flux1": dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                       num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=8, guidance_embeds=True,
+                       axes_dims_rope=(4, 6, 6))}
+
+
+def build(arch: str, device: str, smoke: bool = False):
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    config = (SMOKE if smoke else FULL)[arch]
+    dtype = torch.float32 if smoke else torch.bfloat16
+    if arch == "sd35":
+        from diffusers import SD3Transformer2DModel
+
+        from flowbp_ops.backbones.sd3 import SD3_LORA_TARGETS, SD3Velocity
+
+        model = SD3Transformer2DModel(**config).to(device, dtype)
+        targets, velocity = SD3_LORA_TARGETS, SD3Velocity(model)
+        side = config["sample_size"] if smoke else 64  # 512×512 pixels = 64×64 latents
+        x0 = torch.randn(2, 16, side, side, device=device)
+
+        def cond(seed):
+            g = torch.Generator(device).manual_seed(seed)
+            return {"tokens": torch.randn(2, 333, config["joint_attention_dim"], device=device, generator=g, dtype=dtype),
+                    "pooled": torch.randn(2, config["pooled_projection_dim"], device=device, generator=g, dtype=dtype)}
+
+        den = Denoiser(velocity, cfg_scale=3.5)
+        conditioning = CFGCond(cond(1), cond(2))
+    else:
+        from diffusers import FluxTransformer2DModel
+
+        from flowbp_ops.backbones.flux1 import FLUX_LORA_TARGETS, FluxVelocity
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        model = FluxTransformer2DModel(**config).to(device, dtype)
+        side = 4 if smoke else 32  # packed tokens per side: 512 px / (VAE 8 × patch 2)
+        img_ids = torch.zeros(side * side, 3, device=device)
+        img_ids[:, 1] = torch.arange(side, device=device).repeat_interleave(side)
+        img_ids[:, 2] = torch.arange(side, device=device).repeat(side)
+        targets, velocity = FLUX_LORA_TARGETS, FluxVelocity(model, img_ids, 4.0)
+        x0 = torch.randn(1, side * side, 64, device=device)
+        conditioning = {"tokens": torch.randn(1, 512, config["joint_attention_dim"], device=device, dtype=dtype),
+                        "pooled": torch.randn(1, config["pooled_projection_dim"], device=device, dtype=dtype),
+                        "txt_ids": torch.zeros(1, 512, 3, device=device)}
+        den = Denoiser(velocity, cfg_scale=None)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian", target_modules=targets))
+    model.enable_gradient_checkpointing()
+    return model, den, x0, conditioning
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", choices=["sd35", "flux1"], default="sd35")
+    ap.add_argument("--steps", type=int, nargs="+", default=[25])
+    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "custom"])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/gpu_fullsize.json")
+    ap.add_argument("--smoke", action="store_true", help="small configs on CPU: check the script, measure nothing")
+    args = ap.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    cuda = device == "cuda"
+    model, den, x0, cond = build(args.arch, device, args.smoke)
+    params = [p for p in model.parameters() if p.requires_grad]
+    u = torch.randn(x0.shape[1:], device=device, generator=torch.Generator(device).manual_seed(3))
+
+    def sync_time(fn) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def fwd():
+        with torch.no_grad():
+            den(x0, 0.5, cond)
+
+    def fwd_bwd():
+        v = den(x0, 0.5, cond)
+        torch.autograd.grad((v.float() * u).sum(), params, allow_unused=True)
+
+    for _ in range(2):
+        fwd(), fwd_bwd()
+    t_f = statistics.median(sync_time(fwd) for _ in range(5))
+    t_fb = statistics.median(sync_time(fwd_bwd) for _ in range(5))
+    rows = []
+    variants = [(m, m, {}) for m in args.methods] + [("full backprop (checkpointed)", "draft_k", {"active.k": "N"})]
+    for label, method, overrides in variants:
+        for n in args.steps:
+            sigmas = get_schedule(args.arch).sigmas(n, 512)
+            cfg = get_method(method, args.arch, n, overrides={k: (n if v == "N" else v) for k, v in overrides.items()})
+            times, limits, peaks = [], [], []
+            for seed in range(args.repeats + 1):
+                plan = build_plan(cfg, sigmas, seed)
+
+                def step():
+                    with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                        out = surrogate_step(den, plan, x0, cond)
+                        loss = (out.w * -torch.tanh(out.y.float() * u).flatten(1).mean(1)).mean()
+                    torch.autograd.grad(loss, params, allow_unused=True)
+
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                dt = sync_time(step)
+                if seed == 0:
+                    continue  # warm-up
+                times.append(dt)
+                peaks.append(torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+                limits.append(t_f * plan.rollout_steps + len(plan.active) * (t_fb - t_f) + plan.lv_copies * t_fb)
+            row = {"method": label, "steps": n, "active": len(plan.active), "step_s": statistics.median(times),
+                   "limit_s": statistics.median(limits), "ratio": statistics.median(t / lim for t, lim in zip(times, limits)),
+                   "peak_gb": max(peaks)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__, "arch": args.arch,
+              "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "t_forward_s": t_f,
+              "t_forward_backward_s": t_fb, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

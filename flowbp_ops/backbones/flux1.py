@@ -1,0 +1,93 @@
+"""FLUX.1-dev: the real backbone adapter, loaded through diffusers' ``FluxPipeline``.
+
+FLUX.1-dev is guidance-distilled: no CFG pass, the guidance scale goes into the transformer
+as an embedding. The engine's state is the *packed* latent (B, (H/2)(W/2), 4C) the
+transformer reads, with the pipeline's own ``_pack_latents`` / ``_unpack_latents`` and
+image ids; the sigma grid uses the dynamic ``mu`` shift of the image sequence length.
+Prompts: CLIP-L pooled vector + T5-XXL token states, cached like SD3.5's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowbp_ops.backbones.embedding_cache import EmbeddingCache
+from flowbp_ops.backbones.schedules import get_schedule
+from flowbp_ops.backbones.sd35 import resolve_dtype
+from flowbp_ops.surrogate.rollout import Denoiser
+
+FLUX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+class FluxVelocity:
+    """``v(x, σ, cond)`` of a ``FluxTransformer2DModel`` on packed latents, with embedded guidance."""
+
+    def __init__(self, transformer, img_ids: Tensor, guidance: float | None):
+        self.transformer, self.img_ids, self.guidance = transformer, img_ids, guidance
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        tr = self.transformer
+        guidance = None
+        if tr.config.guidance_embeds:
+            guidance = torch.full((x.shape[0],), 3.5 if self.guidance is None else self.guidance, device=x.device)
+        return tr(hidden_states=x.to(tr.dtype), encoder_hidden_states=cond["tokens"],
+                  pooled_projections=cond["pooled"], timestep=sigma, img_ids=self.img_ids,
+                  txt_ids=cond["txt_ids"][0], guidance=guidance, return_dict=False)[0]
+
+
+class Flux1Backbone:
+    name = "flux1"
+    lora_target_modules = FLUX_LORA_TARGETS
+    pipeline_class = "FluxPipeline"
+
+    def __init__(self, source: str | Path, revision: str | None = None, dtype: str | torch.dtype = "bf16",
+                 device: str | torch.device = "cpu", resolution: int = 512, cache_dir: str | Path | None = None,
+                 max_sequence_length: int = 512):
+        from diffusers import FluxPipeline
+
+        self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
+        self.pipe = FluxPipeline.from_pretrained(str(source), revision=revision, torch_dtype=self.dtype,
+                                                 use_safetensors=True)
+        self.pipe.to(self.device)
+        self.pipe.vae.to(torch.float32)
+        for module in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
+            module.requires_grad_(False)
+        self.transformer = self.pipe.transformer
+        self.resolution, self.max_sequence_length = resolution, max_sequence_length
+        self.cache = EmbeddingCache(cache_dir, key=f"flux1|{source}|{revision}|{self.dtype}|{max_sequence_length}")
+        side = self._latent_side()
+        self.img_ids = self.pipe._prepare_latent_image_ids(1, side // 2, side // 2, self.device, self.dtype)
+
+    def _latent_side(self) -> int:
+        return 2 * (self.resolution // (self.pipe.vae_scale_factor * 2))
+
+    def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        tokens, pooled, txt_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                          max_sequence_length=self.max_sequence_length)
+        return {"tokens": tokens, "pooled": pooled, "txt_ids": txt_ids.expand(len(prompts), *txt_ids.shape)}
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        return {k: v.to(self.device) for k, v in self.cache.get(prompts, self._encode).items()}
+
+    def conditioning(self, prompts: list[str], guidance: float | None):
+        return self.encode_prompts(prompts)  # guidance is embedded, not a second (CFG) branch
+
+    def denoiser(self, guidance: float | None) -> Denoiser:
+        return Denoiser(FluxVelocity(self.transformer, self.img_ids, guidance), cfg_scale=None)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        vae, px = self.pipe.vae, self._latent_side() * self.pipe.vae_scale_factor
+        z = self.pipe._unpack_latents(latents.float(), px, px, self.pipe.vae_scale_factor)
+        z = z / vae.config.scaling_factor + vae.config.shift_factor
+        return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        side = self._latent_side()
+        return (batch, (side // 2) ** 2, self.transformer.config.in_channels)
+
+    def sigmas(self, n_steps: int) -> np.ndarray:
+        return get_schedule("flux1").sigmas(n_steps, self.resolution)
