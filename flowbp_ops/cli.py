@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError, ConnectionError) as exc:
         print(f"flowbp: error: {exc}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,7 @@ records the gates as version tags; the model keeps the previous champion in a ta
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -61,12 +62,27 @@ def dvc_hash(path: str, lock_file: str | Path = "dvc.lock") -> str:
     return "untracked"
 
 
+def _check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with a clear message instead of MLflow's minutes of retries against a dead server."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except (urllib.error.URLError, OSError) as exc:
+        safe = re.sub(r"//[^@/]*@", "//***@", uri)  # never print credentials embedded in the URI
+        raise ConnectionError(f"MLflow tracking server {safe} is unreachable ({exc}); start it (mlflow server ...) or "
+                              f"set tracking.tracking_uri to the embedded store sqlite:///mlflow/mlflow.db") from None
+
+
 class Tracker:
     def __init__(self, cfg: TrackingParams = TrackingParams()):
         self.cfg = cfg
         uri = cfg.tracking_uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        if uri.startswith(("http://", "https://")):
+            _check_server(uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         self.client = MlflowClient(uri, uri)
@@ -76,7 +92,7 @@ class Tracker:
         if exp is not None:
             return exp.experiment_id
         loc = self.cfg.artifact_location
-        if "://" not in loc:
+        if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", loc):  # a local folder, not s3:// or mlflow-artifacts:/
             Path(loc).mkdir(parents=True, exist_ok=True)
             loc = Path(loc).resolve().as_uri()
         return self.client.create_experiment(self.cfg.experiment, artifact_location=loc)

@@ -73,3 +73,17 @@ def test_a_parameter_reruns_only_what_depends_on_it(repo):
                         "promoted_model"}
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 0.002
     assert "0.002" in sh([str(DVC), "exp", "show", "--json"], repo)
+
+
+def test_outputs_push_to_and_pull_from_an_s3_remote(repo, s3_bucket):
+    import os
+
+    s3, bucket = s3_bucket
+    sh([str(DVC), "remote", "add", "-d", "store", f"s3://{bucket}/dvc"], repo)
+    sh([str(DVC), "remote", "modify", "store", "endpointurl", os.environ["AWS_ENDPOINT_URL_S3"]], repo)
+    sh([str(DVC), "push"], repo)
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="dvc/")["KeyCount"] > 0
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / "data" / "rollouts")
+    sh([str(DVC), "pull"], repo)
+    assert (repo / "data" / "rollouts" / "index.json").exists() and ran(sh([str(DVC), "repro"], repo)) == set()

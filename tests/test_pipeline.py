@@ -219,3 +219,41 @@ def test_storage_resource_publishes_to_s3_and_compute_refuses_missing_gpu(tmp_pa
             ComputeResource(device="cuda").check()
     with pytest.raises(ValueError, match="fp32 or bf16"):
         ComputeResource(precision="fp16").check()
+
+
+def test_unreachable_mlflow_server_fails_fast_without_leaking_credentials(tmp_path, capsys):
+    import socket
+    import time
+
+    from flowbp_ops.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    code = main(["promote", "--rollback", "--params", str(tmp_path / "none.yaml"),
+                 "--set", f"tracking.tracking_uri=http://alice:s3cret@127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unreachable" in err and "s3cret" not in err and time.perf_counter() - t0 < 30
+
+
+def test_reward_weights_fetched_from_s3_with_checksums(tmp_path, s3_bucket):
+    from flowbp_ops import stages
+    from flowbp_ops.storage import sha256_of
+
+    s3, bucket = s3_bucket
+    src = tmp_path / "pickscore"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"weights")
+    for f in src.iterdir():
+        s3.upload_file(str(f), bucket, f"rewards/pickscore/{f.name}")
+    params = Params.model_validate({"world_dir": str(tmp_path / "world"), "rewards": {
+        "source": "", "models": {"pickscore": f"s3://{bucket}/rewards/pickscore/"},
+        "checksums": {"pickscore": sha256_of(src)}}})
+    meta = stages.reward_models(params)
+    assert meta["pickscore.sha256"] == sha256_of(src)
+    assert (tmp_path / "world" / "rewards" / "pickscore" / "model.safetensors").read_bytes() == b"weights"
+    bad = params.model_copy(update={"rewards": params.rewards.model_copy(update={"checksums": {"pickscore": "0" * 64}})})
+    with pytest.raises(Exception, match="checksum mismatch"):
+        stages.reward_models(bad)
