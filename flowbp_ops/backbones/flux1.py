@@ -50,7 +50,7 @@ class Flux1Backbone:
         from diffusers import FluxPipeline
 
         self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
-        self.pipe = FluxPipeline.from_pretrained(str(source), revision=revision, torch_dtype=self.dtype,
+        self.pipe = FluxPipeline.from_pretrained(str(source), revision=revision, dtype=self.dtype,
                                                  use_safetensors=True)
         self.pipe.to(self.device)
         self.pipe.vae.to(torch.float32)

@@ -42,7 +42,7 @@ class SD35Backbone:
         from diffusers import StableDiffusion3Pipeline
 
         self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
-        self.pipe = StableDiffusion3Pipeline.from_pretrained(str(source), revision=revision, torch_dtype=self.dtype,
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(str(source), revision=revision, dtype=self.dtype,
                                                              use_safetensors=True)
         self.pipe.to(self.device)
         self.pipe.vae.to(torch.float32)  # decode in float32: bf16 decoding bands the images
