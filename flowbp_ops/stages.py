@@ -231,7 +231,7 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
     images = generate(bb, prompts, r.n_steps, r.guidance, seed=r.seed)  # same prompts, same noise
     base = _score(base_images, prompts, rewards, classifier)
     tuned = _score(images, prompts, rewards, classifier)
-    grid_prompts = prompts[: e.grid_prompts]
+    grid_prompts = prompts[:: max(1, len(prompts) // e.grid_prompts)][: e.grid_prompts]  # spread over the set
     base["diversity"], base_grid = _diversity(base_bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed)
     tuned["diversity"], grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed)
     metrics = {"method": method, "n_prompts": len(prompts), "base": base, "variant": tuned,
