@@ -34,13 +34,22 @@ def _dagster_type(annotation: Any) -> Any:
     return annotation
 
 
+def _js_exponent(value: Any) -> bool:
+    """True for floats JavaScript prints in exponent form (``1e-8``). The Dagster UI rebuilds the
+    launchpad YAML in JavaScript when a partition is picked, and YAML 1.1 reads ``1e-8`` back as a
+    string, so a ``float`` field would reject its own default; such fields take any scalar here and
+    the library's schema (``apply``) validates them as numbers."""
+    return isinstance(value, float) and value != 0 and not 1e-6 <= abs(value) < 1e21
+
+
 def section_config(name: str, model: type[BaseModel], values: BaseModel) -> type[dg.Config]:
     fields = {}
     for fname, f in model.model_fields.items():
         default = getattr(values, fname)
         if isinstance(default, tuple):
             default = list(default)
-        fields[fname] = (_dagster_type(f.annotation), Field(default=default, description=f.description))
+        kind = Any if _js_exponent(default) else _dagster_type(f.annotation)
+        fields[fname] = (kind, Field(default=default, description=f.description))
     return create_model(name, __base__=dg.Config, **fields)
 
 

@@ -110,6 +110,21 @@ def test_dagster_config_is_the_library_schema():
     cls = section_config("TrainConfig", TrainConfig, TrainConfig())
     assert set(cls.model_fields) == set(TrainConfig.model_fields)
     assert cls.model_fields["lr"].default == TrainConfig().lr
+    # the Dagster UI hands 1e-8 back as the string "1e-8" once a partition is picked: the launchpad
+    # must accept it and the library's schema must still read it as a number (and refuse non-numbers)
+    import dagster as dg
+
+    from pipelines.config import apply, stage_config
+    from pipelines.definitions import defs
+
+    ui_config = {"ops": {"trained_variant": {"config": {"train": {"eps": "1e-8"}}}}}
+    dg.validate_run_config(defs.get_job_def("variant"), ui_config)
+    stage_cls = stage_config("trained_variant", ["train"])
+    train_cls = stage_cls.model_fields["train"].annotation
+    params = apply(stage_cls(train=train_cls(eps="1e-8")))
+    assert params.train.eps == 1e-8 and isinstance(params.train.eps, float)
+    with pytest.raises(Exception, match="eps"):
+        apply(stage_cls(train=train_cls(eps="tiny")))
 
 
 @pytest.fixture(scope="module")
