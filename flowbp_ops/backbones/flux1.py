@@ -9,6 +9,7 @@ Prompts: CLIP-L pooled vector + T5-XXL token states, cached like SD3.5's.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,4 +91,6 @@ class Flux1Backbone:
         return (batch, (side // 2) ** 2, self.transformer.config.in_channels)
 
     def sigmas(self, n_steps: int) -> np.ndarray:
-        return get_schedule("flux1").sigmas(n_steps, self.resolution)
+        # the pipeline's shift depends on the packed sequence length: this VAE's factor x the 2x2 packing
+        schedule = replace(get_schedule("flux1"), latent_downsample=2 * self.pipe.vae_scale_factor)
+        return schedule.sigmas(n_steps, self.resolution)

@@ -24,6 +24,10 @@ FULL = {
     "flux1": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                   num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                   axes_dims_rope=(16, 56, 56)),
+    # FLUX.2-klein-base-9B (Qwen3-8B text encoder: 3 x 4096 features; no guidance embedding, real CFG)
+    "flux2": dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=24, attention_head_dim=128,
+                  num_attention_heads=32, joint_attention_dim=12288, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                  rope_theta=2000, guidance_embeds=False),
 }
 
 
@@ -105,9 +109,48 @@ def tiny_flux1_pipeline(seed: int = 0):
                         text_encoder_2=_t5(32, seed + 3), tokenizer_2=_t5_tokenizer(16))
 
 
+def _qwen_tokenizer():
+    """Byte-level BPE without merges (every byte a token) and a ChatML template, like Qwen3's."""
+    from transformers import Qwen2TokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tok = Qwen2TokenizerFast(vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def tiny_flux2_pipeline(seed: int = 0):
+    """A ``Flux2KleinPipeline`` (Klein-base: real CFG) with its component classes, ~1 M parameters.
+
+    The Qwen3 encoder has 28 layers (tiny ones) because the pipeline reads hidden states 9, 18, 27."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = _qwen_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=8, max_position_embeddings=128, tie_word_embeddings=True))
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             sample_size=32)
+    with torch.no_grad():  # the pipeline whitens latents with the VAE's batch-norm statistics
+        vae.bn.running_mean.uniform_(-0.1, 0.1)
+        vae.bn.running_var.uniform_(0.5, 1.5)
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
+                              text_encoder=text_encoder, tokenizer=tok, transformer=transformer, is_distilled=False)
+
+
 def save_tiny(kind: str, out: str | Path, seed: int = 0) -> Path:
     """Build a tiny pipeline and ``save_pretrained`` it (safetensors): a local "hub repo" to load from."""
-    builders = {"sd35": tiny_sd35_pipeline, "flux1": tiny_flux1_pipeline}
+    builders = {"sd35": tiny_sd35_pipeline, "flux1": tiny_flux1_pipeline, "flux2": tiny_flux2_pipeline}
     pipe = builders[kind](seed)
     pipe.save_pretrained(str(out), safe_serialization=True)
     return Path(out)
