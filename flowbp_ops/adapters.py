@@ -39,3 +39,30 @@ def load_lora(transformer: torch.nn.Module, adapter_dir: str | Path, adapter_nam
         raise FileNotFoundError(f"no {WEIGHT_NAME} in {path}: pass the directory `flowbp train` wrote the adapter to")
     transformer.load_lora_adapter(str(path), weight_name=WEIGHT_NAME, use_safetensors=True, prefix="transformer",
                                   adapter_name=adapter_name)
+
+
+def save_trained(backbone, finetune: str, out_dir: str | Path) -> Path:
+    """A run's trained weights: the LoRA file, or under full fine-tuning the whole transformer
+    (``transformer/`` in ``save_pretrained`` layout, the EMA weights when EMA is on)."""
+    if finetune == "lora":
+        return save_lora(backbone.transformer, out_dir,
+                         pipeline_class=getattr(backbone, "pipeline_class", "StableDiffusion3Pipeline"))
+    with atomic_path(out_dir) as tmp:
+        backbone.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    return Path(out_dir) / "transformer"
+
+
+def load_trained(backbone, trained_dir: str | Path) -> None:
+    """Put what ``save_trained`` wrote onto ``backbone``: a LoRA adapter, or a fully fine-tuned transformer."""
+    path = Path(trained_dir)
+    if (path / WEIGHT_NAME).exists():
+        load_lora(backbone.transformer, path)
+        return
+    if not (path / "transformer" / "config.json").exists():
+        raise FileNotFoundError(f"{path} holds neither {WEIGHT_NAME} nor transformer/: pass the adapter directory "
+                                "a training run wrote")
+    old = backbone.transformer
+    new = type(old).from_pretrained(path / "transformer", torch_dtype=old.dtype, use_safetensors=True)
+    backbone.transformer = new.to(next(old.parameters()).device).eval()
+    if hasattr(backbone, "pipe"):  # the real adapters also hand the transformer to their diffusers pipeline
+        backbone.pipe.transformer = backbone.transformer

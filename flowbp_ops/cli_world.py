@@ -69,30 +69,37 @@ def load_prompts(world: Path, split: str) -> list[str]:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from flowbp_ops.adapters import save_lora
+    from flowbp_ops.adapters import save_trained
     from flowbp_ops.backbones.default import DefaultBackbone
     from flowbp_ops.methods import METHODS, get_method
     from flowbp_ops.training.config import TrainConfig
     from flowbp_ops.training.loop import train
 
-    if args.method not in METHODS:
-        raise ConfigError(f"unknown method {args.method!r}: choose one of {', '.join(METHODS)}")
-    if args.backbone != "default":
-        raise ConfigError(f"--backbone {args.backbone}: only 'default' can be trained on this machine so far")
-    run_sets, method_sets = split_sets(args.set)
-    try:
-        cfg = TrainConfig(method=args.method, backbone=args.backbone, method_overrides=method_sets, **run_sets)
-    except ValidationError as exc:
-        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    if args.preset:
+        cfg, backbone, prompts, world = _preset_run(args)
+    else:
+        if not args.method:
+            raise ConfigError("give --method (one of " + ", ".join(METHODS) + ") or --preset BACKBONE/METHOD")
+        if args.method not in METHODS:
+            raise ConfigError(f"unknown method {args.method!r}: choose one of {', '.join(METHODS)}")
+        if args.backbone != "default":
+            raise ConfigError(f"--backbone {args.backbone}: a real backbone trains from a preset "
+                              f"(`flowbp train --preset {args.backbone}/{args.method}`, see `flowbp preset --list`)")
+        run_sets, method_sets = split_sets(args.set)
+        try:
+            cfg = TrainConfig(method=args.method, backbone=args.backbone, method_overrides=method_sets, **run_sets)
+        except ValidationError as exc:
+            raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        world = Path(args.world)
+        prompts = load_prompts(world, "train")
+        backbone = DefaultBackbone(world)
     get_method(cfg.method, cfg.backbone, cfg.rollout_steps, cfg.method_overrides).check(cfg.rollout_steps)
-    world, out = Path(args.world), Path(args.out or f"runs/{args.method}")
-    prompts = load_prompts(world, "train")
-    backbone = DefaultBackbone(world)
+    out = Path(args.out or f"runs/{cfg.method}")
     bar, _ = _progress()
 
     class Log:
         def __init__(self):
-            self.task = bar.add_task(f"train {args.method}", total=cfg.steps, info="")
+            self.task = bar.add_task(f"train {cfg.method}", total=cfg.steps, info="")
             self.file = None
 
         def on_step(self, step, m):
@@ -106,21 +113,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with bar:
         result = train(cfg, backbone, prompts, out, callbacks=[Log()], resume=args.resume,
                        reward_kwargs={"world_dir": world})
-    if cfg.finetune == "lora":
-        save_lora(backbone.transformer, out / "adapter")
-    else:
-        backbone.transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    save_trained(backbone, cfg.finetune, out / "adapter")  # LoRA file, or transformer/ under full fine-tuning
     print(json.dumps({"run": str(out), **result["last"], "skipped": result["skipped"]}, indent=2))
     return 0
 
 
+def _preset_run(args: argparse.Namespace):
+    """The authors' recipe (``flowbp preset``) with ``--set section.key=value`` on top: prompt sets, reward
+    weights and the pinned base model through the pipeline's own stages, then the training run's inputs."""
+    from flowbp_ops import stages
+    from flowbp_ops.params import params_from
+    from flowbp_ops.presets import get_preset
+
+    try:
+        preset = get_preset(args.preset)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    from flowbp_ops.training.config import TrainConfig
+
+    # a bare training setting (steps=10) means train.steps, as in `flowbp train --method`
+    sets = [f"train.{s}" if s.split("=", 1)[0] in TrainConfig.model_fields else s for s in args.set]
+    params = params_from(preset.model_dump(mode="json"), sets, f"preset {args.preset}")
+    if args.method and args.method != params.train.method:
+        raise ConfigError(f"--method {args.method} contradicts --preset {args.preset}: give one of them")
+    for stage in (stages.prompt_sets, stages.reward_models, stages.base_model):
+        stage(params)
+    prompts = load_prompts(Path(params.world_dir), "train")
+    return params.train_config(params.train.method), stages._backbone(params), prompts, Path(params.world_dir)
+
+
 def _load_backbone(args):
-    from flowbp_ops.adapters import load_lora
+    from flowbp_ops.adapters import load_trained
     from flowbp_ops.backbones.default import DefaultBackbone
 
     backbone = DefaultBackbone(Path(args.world))
     if args.adapter:
-        load_lora(backbone.transformer, args.adapter)
+        load_trained(backbone, args.adapter)
     return backbone
 
 
@@ -164,7 +192,8 @@ def add_commands(sub) -> None:
     b.set_defaults(func=_cmd_world_build)
 
     t = sub.add_parser("train", help="train a method on a backbone")
-    t.add_argument("--method", required=True)
+    t.add_argument("--method", default=None)
+    t.add_argument("--preset", default=None, help="BACKBONE/METHOD: the authors' recipe (flowbp preset --list)")
     t.add_argument("--backbone", default="default")
     t.add_argument("--world", default="data/world")
     t.add_argument("--out", default=None, help="run directory (default runs/METHOD)")

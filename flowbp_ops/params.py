@@ -8,10 +8,10 @@ validates through them. A setting is defined once, here (training: ``TrainConfig
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flowbp_ops.surrogate.config import ConfigError
 from flowbp_ops.training.config import TrainConfig
@@ -39,8 +39,12 @@ class RewardParams(_Section):
 
 
 class BaseModelParams(_Section):
-    source: str = Field("default", description="default (train the small world model) or a hub id / local path")
-    revision: str | None = Field(None, description="hub revision to pin (a commit hash)")
+    source: str = Field("default", description="default (train the small world model), hf://owner/name[@rev], "
+                                               "s3://bucket/prefix or a local diffusers pipeline folder")
+    revision: str | None = Field(None, description="hub revision to pin (a commit hash); S3: expected SHA-256")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="weights of a real backbone (VAE decodes in fp32)")
+    resolution: int = Field(512, ge=8, description="image side of a real backbone, pixels")
+    max_sequence_length: int | None = Field(None, ge=1, description="text tokens (None: the adapter's default)")
 
 
 class RolloutParams(_Section):
@@ -102,14 +106,21 @@ class Params(_Section):
             raise ValueError("give at least one method")
         return value
 
+    @model_validator(mode="after")
+    def _backbone_matches_base_model(self) -> "Params":
+        default_model, default_backbone = self.base_model.source == "default", self.train.backbone == "default"
+        if default_model != default_backbone:
+            raise ValueError(f"base_model.source={self.base_model.source!r} with train.backbone="
+                             f"{self.train.backbone!r}: the default world's model trains as backbone 'default', "
+                             "a real model as sd35, flux1 or flux2 (see `flowbp preset --list`)")
+        return self
+
     def train_config(self, method: str) -> TrainConfig:
         return self.train.model_copy(update={"method": method})
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
     """Read ``params.yaml`` (missing file: the defaults) and apply ``section.key=value`` overrides."""
-    from flowbp_ops.surrogate.config import parse_override
-
     path = Path(path)
     data: dict[str, Any] = {}
     if path.exists():
@@ -117,6 +128,13 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> 
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return params_from(data, overrides, str(path))
+
+
+def params_from(data: dict[str, Any], overrides: list[str] = (), origin: str = "params") -> Params:
+    """Validated ``Params`` from a settings dict with ``section.key=value`` overrides on top."""
+    from flowbp_ops.surrogate.config import parse_override
+
     for item in overrides:
         key, value = parse_override(item)
         node = data
@@ -127,8 +145,8 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> 
     try:
         return Params.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                  for e in exc.errors())) from None
+        raise ConfigError(f"{origin}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                    for e in exc.errors())) from None
 
 
 def dump_params(params: Params) -> str:

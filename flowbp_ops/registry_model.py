@@ -3,23 +3,31 @@
     model = mlflow.pyfunc.load_model("models:/flowbp-default@champion")
     images = model.predict(["a small red 7 on the left"], params={"steps": 20, "guidance": 4.0, "seed": 42})
 
-``predict`` returns uint8 images (B, H, W, 3). The default world's generator is not a
-diffusers pipeline (its text encoder is MiniLM), so it is wrapped here; the real backbones
-can use ``mlflow.diffusers`` the same way with their pipelines.
+``predict`` returns uint8 images (B, H, W, 3). Used for the default world's model (not a
+diffusers pipeline: its text encoder is MiniLM) and for fully fine-tuned real backbones (MLflow's
+diffusers flavour holds LoRA adapters only); a real backbone's LoRA goes through that flavour.
 """
 
 from __future__ import annotations
 
 import mlflow.pyfunc
+import torch
 
 
 class FlowbpImageModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from flowbp_ops.adapters import load_lora
-        from flowbp_ops.backbones.default import DefaultBackbone
+        import json
+        from pathlib import Path
 
-        self.backbone = DefaultBackbone(context.artifacts["base"])
-        load_lora(self.backbone.transformer, context.artifacts["adapter"])
+        from flowbp_ops.adapters import load_trained
+        from flowbp_ops.backbones.loading import RECORD, load_backbone
+
+        base = Path(context.artifacts["base"])
+        # the default model ships its weights; a real backbone only its pin (hub id + commit, or path)
+        kind = json.loads((base / RECORD).read_text())["backbone"] if (base / RECORD).exists() else "default"
+        device = "cuda" if kind != "default" and torch.cuda.is_available() else "cpu"
+        self.backbone = load_backbone(kind, base, device=device)
+        load_trained(self.backbone, context.artifacts["adapter"])  # a LoRA, or a fully fine-tuned transformer
 
     def predict(self, context, model_input, params: dict | None = None):
         from flowbp_ops.sampling import generate

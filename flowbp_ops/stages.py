@@ -80,21 +80,27 @@ def reward_models(params: Params, progress: Callable | None = None) -> dict:
 
 
 def base_model(params: Params, progress: Callable | None = None) -> dict:
-    from flowbp_ops.world.build import build_base_model
+    """Build the default world's model, or resolve, pin and check a real pipeline (``backbone.json``)."""
+    b = params.base_model
+    if b.source == "default":
+        from flowbp_ops.world.build import build_base_model
 
-    if params.base_model.source != "default":
-        raise ConfigError(f"base_model.source={params.base_model.source!r}: only the default world's model can be "
-                          f"built by this pipeline so far; the SD3.5/FLUX adapters are not wired in yet")
-    return build_base_model(params.world_dir, params.world, progress)
+        return build_base_model(params.world_dir, params.world, progress)
+    from flowbp_ops.backbones.loading import resolve_base_model
+
+    return resolve_base_model(b.source, b.revision, params.train.backbone, params.world_dir,
+                              b.model_dump(include={"dtype", "resolution", "max_sequence_length"}))
 
 
 def _backbone(params: Params, adapter: Path | None = None):
-    from flowbp_ops.adapters import load_lora
-    from flowbp_ops.backbones.default import DefaultBackbone
+    from flowbp_ops.adapters import load_trained
+    from flowbp_ops.backbones.loading import load_backbone
 
-    bb = DefaultBackbone(params.world_dir, device=params.device)
+    b = params.base_model
+    bb = load_backbone(params.train.backbone, params.world_dir, device=params.device, dtype=b.dtype,
+                       resolution=b.resolution, max_sequence_length=b.max_sequence_length)
     if adapter is not None:
-        load_lora(bb.transformer, adapter)
+        load_trained(bb, adapter)
     return bb
 
 
@@ -117,14 +123,12 @@ def cached_rollouts(params: Params) -> dict:
 def trained_variant(params: Params, method: str, tracker=None, tags: dict | None = None,
                     progress: Callable | None = None) -> dict:
     """Train one method; write the adapter, ``metrics.jsonl`` (DVC plots) and ``summary.json``."""
-    from flowbp_ops.adapters import save_lora
+    from flowbp_ops.adapters import save_trained
     from flowbp_ops.prompts import load_prompt_set
     from flowbp_ops.storage import sha256_of
     from flowbp_ops.training.loop import train
 
     cfg = params.train_config(method)
-    if cfg.finetune != "lora":
-        raise ConfigError("train.finetune=full: the pipeline registers LoRA adapters; use `flowbp train` for full runs")
     p = paths(params)
     backbone = _backbone(params)
     prompts = load_prompt_set(p.prompts, "train")
@@ -152,7 +156,7 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
         with atomic_path(p.variant(method)) as tmp:
             result = train(cfg, backbone, prompts, tmp / "checkpoints", callbacks=[Log()],
                            reward_kwargs={"world_dir": params.world_dir})
-            save_lora(backbone.transformer, tmp / "adapter")
+            save_trained(backbone, cfg.finetune, tmp / "adapter")  # LoRA file, or the whole transformer
             (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             summary = {"method": method, "run_id": run_id, "steps": cfg.steps, "skipped": result["skipped"],
                        "seconds": time.perf_counter() - t0, "final": result["last"],
@@ -164,12 +168,28 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
         raise
     if tracker is not None:
         tracker.log_artifact(run_id, p.variant(method) / "adapter", "adapter")
-        summary["model_version"] = tracker.register_variant(
-            run_id, params.promote.model_name, {"vae": p.world / "vae", "transformer": p.world / "transformer"},
-            p.variant(method) / "adapter", {"method": method, "run_id": run_id})
+        summary["model_version"] = _register(params, tracker, run_id, p.variant(method) / "adapter",
+                                             {"method": method, "run_id": run_id})
         (p.variant(method) / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.end_run(run_id)
     return summary
+
+
+def _register(params: Params, tracker, run_id: str, adapter: Path, tags: dict[str, str]) -> str:
+    """A real backbone's LoRA with MLflow's diffusers flavour (base model by hub id and commit); everything
+    else (the default model, full fine-tuning) as flowbp's pyfunc carrying the weights it needs."""
+    from flowbp_ops.backbones.loading import RECORD
+
+    w, name = paths(params).world, params.promote.model_name
+    if params.train.backbone == "default":
+        base = {"vae": w / "vae", "transformer": w / "transformer"}
+        return tracker.register_variant(run_id, name, base, adapter, tags)
+    record = json.loads((w / RECORD).read_text())
+    tags = {**tags, "base_model": record["source"], "base_model.revision": str(record["revision"])}
+    if params.train.finetune == "full":
+        return tracker.register_variant(run_id, name, {RECORD: w / RECORD}, adapter, tags)
+    base = record["source"][len("hf://"):].partition("@")[0] if record["source"].startswith("hf://") else record["path"]
+    return tracker.register_adapter(run_id, name, base, adapter, tags)
 
 
 def _rollouts_sha(p: Paths) -> str:

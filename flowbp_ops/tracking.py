@@ -142,13 +142,26 @@ class Tracker:
                                     params={"steps": 20, "guidance": 4.0, "seed": 42})
         with tempfile.TemporaryDirectory() as tmp:
             base = Path(tmp) / "base"
-            for name, src in base_dirs.items():
-                shutil.copytree(src, base / name)
+            base.mkdir()
+            for name, src in base_dirs.items():  # model folders, or a real backbone's pin (backbone.json)
+                shutil.copytree(src, base / name) if Path(src).is_dir() else shutil.copyfile(src, base / name)
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=code.__file__,  # models from code: nothing pickled
                     artifacts={"base": str(base), "adapter": str(adapter_dir)},
                     signature=signature, pip_requirements=["flowbp"], metadata={"flowbp": tags})
+        mv = mlflow.register_model(info.model_uri, model_name, tags=tags)
+        return str(mv.version)
+
+    def register_adapter(self, run_id: str, model_name: str, base_model: str, adapter_dir: Path,
+                         tags: dict[str, str]) -> str:
+        """A real backbone's adapter through MLflow's diffusers flavour (base model by hub id and commit, or
+        path; the adapter's weights as artifacts); returns the registered version."""
+        import mlflow.diffusers
+
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="model",
+                                              metadata={"flowbp": tags})
         mv = mlflow.register_model(info.model_uri, model_name, tags=tags)
         return str(mv.version)
 
