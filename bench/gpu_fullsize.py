@@ -1,6 +1,8 @@
-"""Full-size proof on a GPU: every method on the SD3.5-M transformer (and FLUX.1-dev where memory allows).
+"""Full-size proof on a GPU: every method on the SD3.5-M transformer (and FLUX.1-dev, FLUX.2-Klein-base-9B
+where memory allows).
 
     python bench/gpu_fullsize.py --arch sd35 --out bench/results/gpu_sd35.json     # ~6 min on an H100/H200
+    python bench/gpu_fullsize.py --arch flux2 --out bench/results/gpu_flux2.json   # real CFG, batch 2
 
 Builds the real transformer architecture from its published config (random init, bf16 — no
 weights can be downloaded), attaches a peft LoRA (rank 32) with gradient checkpointing, and
@@ -42,7 +44,10 @@ SMOKE = {"sd35": dict(sample_size=8, patch_size=2, in_channels=16, out_channels=
                       pooled_projection_dim=16, pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,)),
          "flux1": dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=8, guidance_embeds=True,
-                       axes_dims_rope=(4, 6, 6))}
+                       axes_dims_rope=(4, 6, 6)),
+         "flux2": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                       num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=16,
+                       axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)}
 
 
 def build(arch: str, device: str, smoke: bool = False):
@@ -67,6 +72,25 @@ def build(arch: str, device: str, smoke: bool = False):
                     "pooled": torch.randn(2, config["pooled_projection_dim"], device=device, generator=g, dtype=dtype)}
 
         den = Denoiser(velocity, cfg_scale=3.5)
+        conditioning = CFGCond(cond(1), cond(2))
+    elif arch == "flux2":
+        from diffusers import Flux2Transformer2DModel
+
+        from flowbp_ops.backbones.flux2 import FLUX2_LORA_TARGETS, Flux2Velocity
+
+        model = Flux2Transformer2DModel(**config).to(device, dtype)
+        side = 4 if smoke else 32  # packed tokens per side: 512 px / (VAE 8 × patchify 2)
+        ids = torch.cartesian_prod(torch.arange(1), torch.arange(side), torch.arange(side), torch.arange(1))
+        targets, velocity = FLUX2_LORA_TARGETS, Flux2Velocity(model, ids[None].to(device))
+        x0 = torch.randn(2, side * side, config["in_channels"], device=device)  # batch 2 with real CFG, as SD3.5
+
+        def cond(seed):
+            g = torch.Generator(device).manual_seed(seed)
+            txt = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(512))
+            return {"tokens": torch.randn(2, 512, config["joint_attention_dim"], device=device, generator=g, dtype=dtype),
+                    "txt_ids": txt[None].expand(2, -1, -1).to(device)}
+
+        den = Denoiser(velocity, cfg_scale=4.0)
         conditioning = CFGCond(cond(1), cond(2))
     else:
         from diffusers import FluxTransformer2DModel
@@ -93,7 +117,7 @@ def build(arch: str, device: str, smoke: bool = False):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", choices=["sd35", "flux1"], default="sd35")
+    ap.add_argument("--arch", choices=["sd35", "flux1", "flux2"], default="sd35")
     ap.add_argument("--steps", type=int, nargs="+", default=[25])
     ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "custom"])
     ap.add_argument("--repeats", type=int, default=2)

@@ -36,6 +36,8 @@ class RewardParams(_Section):
     sha256: str | None = Field(None, description="expected checksum of a fetched source")
     models: dict[str, str] = Field(default_factory=dict, description="per reward: a URI to fetch into rewards/<name>")
     checksums: dict[str, str] = Field(default_factory=dict, description="per reward: the expected SHA-256")
+    tokenizers: dict[str, str] = Field(default_factory=dict, description="per reward published as a .pt checkpoint "
+                                       "(hpsv2, imagereward): a tokenizer folder URI to convert it with")
 
 
 class BaseModelParams(_Section):

@@ -48,8 +48,13 @@ def get_preset(name: str) -> Params:
         "base_model": {"source": f"hf://{hub_id}"},
         # training prompts: the user's file (the authors used HPDv2's train split, not shipped here)
         "prompts": {"source": "", "eval_source": hpdv2_eval_prompts()},
-        "rewards": {"source": "", "models": {"pickscore": "hf://yuvalkirstain/PickScore_v1",
-                                             "clipscore": "hf://openai/clip-vit-large-patch14"}},
+        "rewards": {"source": "", "models": {"hpsv2": "hf://xswu/HPSv2/HPS_v2.1_compressed.pt",
+                                             "imagereward": "hf://THUDM/ImageReward/ImageReward.pt",
+                                             "pickscore": "hf://yuvalkirstain/PickScore_v1",
+                                             "clipscore": "hf://openai/clip-vit-large-patch14"},
+                    # the published checkpoints carry no tokenizer: their base models' tokenizers
+                    "tokenizers": {"hpsv2": "hf://laion/CLIP-ViT-H-14-laion2B-s32B-b79K?include=*.json,*.txt",
+                                   "imagereward": "hf://google-bert/bert-base-uncased?include=*.json,*.txt"}},
         "rollouts": {"n_steps": eval_steps, "guidance": guidance, "n_prompts": 400, "shard_size": 8},
         "train": {"method": method, "backbone": backbone, "steps": 300, "batch": batch, "rollout_steps": 25,
                   "guidance": guidance, "reward": "hpsv2", "heldout_rewards": ["pickscore", "imagereward"],

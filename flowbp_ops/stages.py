@@ -75,8 +75,36 @@ def reward_models(params: Params, progress: Callable | None = None) -> dict:
     elif r.source:
         meta = {"source": r.source, "sha256": fetch(r.source, target, r.sha256)}
     for name, uri in r.models.items():  # e.g. pickscore: hf://yuvalkirstain/PickScore_v1@<revision>
-        meta[f"{name}.sha256"] = fetch(uri, target / name, r.checksums.get(name))
+        if uri.endswith(".pt"):  # HPSv2.1 and ImageReward publish torch checkpoints: convert to safetensors
+            meta[f"{name}.sha256"] = _convert_reward(name, uri, r, target)
+        else:
+            meta[f"{name}.sha256"] = fetch(uri, target / name, r.checksums.get(name))
     return meta
+
+
+def _convert_reward(name: str, uri: str, r, target: Path) -> str:
+    """Fetch a ``.pt`` checkpoint (checksum verified) and its tokenizer, convert (tensors only, never a full
+    unpickle) into ``rewards/<name>/``; returns the checkpoint's checksum."""
+    import importlib
+    import tempfile
+
+    from flowbp_ops.storage import fetch
+
+    converters = {"hpsv2": "flowbp_ops.rewards.hpsv2:convert_open_clip_checkpoint",
+                  "imagereward": "flowbp_ops.rewards.imagereward:convert_checkpoint"}
+    if name not in converters:
+        raise ConfigError(f"rewards.models.{name}={uri!r}: only {', '.join(converters)} are converted from .pt "
+                          "checkpoints; give a folder in save_pretrained layout (safetensors) instead")
+    if name not in r.tokenizers:
+        raise ConfigError(f"rewards.models.{name} is a .pt checkpoint: set rewards.tokenizers.{name} to its tokenizer "
+                          "folder (hpsv2: a CLIP ViT-H-14 tokenizer; imagereward: bert-base-uncased)")
+    module, fn = converters[name].split(":")
+    with tempfile.TemporaryDirectory() as tmp:
+        digest = fetch(uri, Path(tmp) / "checkpoint.pt", r.checksums.get(name))
+        fetch(r.tokenizers[name], Path(tmp) / "tokenizer")
+        with atomic_path(target / name) as out:
+            getattr(importlib.import_module(module), fn)(Path(tmp) / "checkpoint.pt", out, Path(tmp) / "tokenizer")
+    return digest
 
 
 def base_model(params: Params, progress: Callable | None = None) -> dict:

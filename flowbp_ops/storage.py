@@ -7,7 +7,7 @@ what it copied, so every stage can record (and later verify) exactly which bytes
 * ``s3://bucket/key`` (a file) or ``s3://bucket/prefix/`` (a folder); the endpoint comes
   from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` like every AWS tool (MinIO, moto);
   credentials from the usual boto3 chain and are never logged;
-* ``hf://owner/name[@revision][/path]`` (a model repo) or ``hf://datasets/owner/name...``:
+* ``hf://owner/name[@revision][/path][?include=*.json,*.txt]`` (a model repo, or only the files matching the patterns) or ``hf://datasets/owner/name...``:
   ``huggingface_hub`` with the revision pinned.
 """
 
@@ -102,7 +102,11 @@ def _fetch_s3(uri: str, tmp: Path) -> None:
 def _fetch_hub(uri: str, tmp: Path) -> None:
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    rest = uri[len("hf://"):]
+    rest, _, query = uri[len("hf://"):].partition("?")
+    # ?include=*.json,*.txt: only those files of the repo (a tokenizer without the model's weights)
+    include = [p for p in query.removeprefix("include=").split(",") if p] if query.startswith("include=") else None
+    if query and include is None:
+        raise SourceError(f"{uri!r}: the only query a hub URI takes is ?include=PATTERN[,PATTERN]")
     repo_type = "model"
     if rest.startswith("datasets/"):
         repo_type, rest = "dataset", rest[len("datasets/"):]
@@ -115,5 +119,5 @@ def _fetch_hub(uri: str, tmp: Path) -> None:
         got = hf_hub_download(repo, filename, repo_type=repo_type, revision=revision or None)
         shutil.copyfile(got, tmp)
     else:
-        got = snapshot_download(repo, repo_type=repo_type, revision=revision or None)
+        got = snapshot_download(repo, repo_type=repo_type, revision=revision or None, allow_patterns=include)
         shutil.copytree(got, tmp)

@@ -51,8 +51,13 @@ def _metadata(meta: dict[str, Any]) -> dict[str, Any]:
 def _run(stage: Stage, context: dg.AssetExecutionContext, params, mlflow: MlflowResource, compute: ComputeResource):
     """Call the stage's library function; returns (metadata, check results)."""
     compute.check()
-    params = params.model_copy(update={"device": compute.device,
-                                       "train": params.train.model_copy(update={"precision": compute.precision})})
+    with compute.placed() as device:
+        params = params.model_copy(update={"device": device,
+                                           "train": params.train.model_copy(update={"precision": compute.precision})})
+        return _call(stage, context, params, mlflow)
+
+
+def _call(stage: Stage, context: dg.AssetExecutionContext, params, mlflow: MlflowResource):
     method = context.partition_key if stage.per_method else None
     tags = {"dagster.run_id": context.run.run_id, "dagster.partition": method or ""}
     tracker = mlflow.tracker(params.tracking) if stage.name in ("trained_variant", "evaluation", "method_comparison",

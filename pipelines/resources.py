@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import dagster as dg
 
 from flowbp_ops.params import TrackingParams
@@ -61,10 +64,13 @@ def _key(path: Path) -> str:
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Device and precision for training and evaluation (the GPU executors set ``device: cuda``)."""
+    """Device and precision for training and evaluation. ``device: cuda:auto`` on a multi-GPU node gives
+    each op a GPU of its own (set the ``gpu`` pool limit to the number of GPUs); a GPU executor
+    pod with one GPU uses ``cuda``."""
 
     device: str = "cpu"
     precision: str = "fp32"
+    lock_dir: str = "/tmp/flowbp-gpu-locks"
 
     def check(self) -> None:
         import torch
@@ -74,3 +80,16 @@ class ComputeResource(dg.ConfigurableResource):
                                f"executor or set the compute resource's device to cpu")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"compute.precision={self.precision!r}: choose fp32 or bf16")
+
+    @contextmanager
+    def placed(self) -> Iterator[str]:
+        """The device this op runs on, held for the op (``cuda:auto``: a free GPU of this node)."""
+        if self.device != "cuda:auto":
+            yield self.device
+            return
+        import torch
+
+        from flowbp_ops.gpu_slots import gpu_slot
+
+        with gpu_slot(torch.cuda.device_count(), self.lock_dir) as i:
+            yield f"cuda:{i}"

@@ -12,6 +12,10 @@ fl=$("$PY" -m pip config get global.find-links 2>/dev/null || true)
 [ -n "$fl" ] && [ -d "$fl" ] && extra+=(--find-links "$fl")
 [ -x .venv/bin/python ] || uv venv --quiet --python "$PY" .venv
 uv pip install --quiet --python .venv/bin/python --compile-bytecode "${extra[@]}" -e ".[test]"
+# open_clip: the reference the HPSv2.1 converter is tested against. Without its dependencies: PyPI's
+# torchvision for torch 2.13 is a CUDA build that fails to import beside the CPU torch (and would
+# break transformers' image processors); the test gives open_clip a stand-in while it imports.
+uv pip install --quiet --python .venv/bin/python --no-deps "open-clip-torch==3.3.0" "ftfy==6.3.1" "wcwidth==0.9.4"
 [ -x .venv-dvc/bin/python ] || uv venv --quiet --python "$PY" .venv-dvc
 uv pip install --quiet --python .venv-dvc/bin/python --compile-bytecode "dvc==3.67.1" "dvc-s3==3.3.0"
 # the instance the Dagster UI and the main job share; telemetry off

@@ -272,3 +272,34 @@ def test_reward_weights_fetched_from_s3_with_checksums(tmp_path, s3_bucket):
     bad = params.model_copy(update={"rewards": params.rewards.model_copy(update={"checksums": {"pickscore": "0" * 64}})})
     with pytest.raises(Exception, match="checksum mismatch"):
         stages.reward_models(bad)
+
+
+def test_gpu_slots_give_each_concurrent_op_its_own_gpu(tmp_path):
+    import threading
+
+    from flowbp_ops.gpu_slots import gpu_slot
+
+    held, release, got = [], threading.Event(), threading.Barrier(3)
+
+    def op():
+        with gpu_slot(2, tmp_path) as i:
+            held.append(i)
+            got.wait()
+            release.wait()
+
+    threads = [threading.Thread(target=op) for _ in range(2)]
+    for t in threads:
+        t.start()
+    got.wait()
+    assert sorted(held) == [0, 1]  # two ops, two different GPUs
+    with pytest.raises(TimeoutError, match="all 2 GPUs"):  # a third waits while both are taken
+        with gpu_slot(2, tmp_path, poll_s=0.05, timeout_s=0.3):
+            pass
+    release.set()
+    for t in threads:
+        t.join()
+    with gpu_slot(2, tmp_path) as i:  # freed when the ops end
+        assert i == 0
+    with pytest.raises(RuntimeError, match="no GPU"):
+        with gpu_slot(0, tmp_path):
+            pass

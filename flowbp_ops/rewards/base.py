@@ -72,6 +72,7 @@ def registered() -> list[str]:
 
 def _register_builtin() -> None:
     import flowbp_ops.rewards.clip  # noqa: F401  (clipscore, pickscore)
+    import flowbp_ops.rewards.hpsv2  # noqa: F401  (hpsv2)
     import flowbp_ops.rewards.imagereward  # noqa: F401  (imagereward)
     import flowbp_ops.rewards.world  # noqa: F401  (the default world's rewards)
 

@@ -1,0 +1,44 @@
+"""One GPU per training / evaluation op on a multi-GPU node.
+
+Dagster's multiprocess executor runs up to ``gpu`` pool-limit ops at once but does not place
+them on devices. ``gpu_slot`` gives each op a device of its own: it takes an exclusive
+``flock`` on ``<lock_dir>/gpu-<i>.lock`` for the first free ``i`` (waiting while all are
+taken) and holds it for the op. The kernel drops the lock when the process dies, so a
+crashed op never leaves its GPU reserved.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def gpu_slot(n_gpus: int, lock_dir: str | Path, poll_s: float = 1.0, timeout_s: float | None = None) -> Iterator[int]:
+    """The index of a GPU no other op of this node holds, reserved until the block ends."""
+    if n_gpus < 1:
+        raise RuntimeError("no GPU to place the op on: run on a GPU node or set the compute device to cpu")
+    lock_dir = Path(lock_dir)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    while True:
+        for i in range(n_gpus):
+            fd = os.open(lock_dir / f"gpu-{i}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield i
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            return
+        if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"all {n_gpus} GPUs stayed taken for {timeout_s:.0f} s (locks in {lock_dir})")
+        time.sleep(poll_s)
