@@ -86,7 +86,7 @@ def _cmd_preset(args: argparse.Namespace) -> int:
     from flowbp_ops.params import dump_params
     from flowbp_ops.presets import get_preset, preset_names
 
-    if args.name is None:
+    if args.name is None or args.list:
         print("\n".join(preset_names()))
         return 0
     text = dump_params(get_preset(args.name))
@@ -119,6 +119,7 @@ def add_commands(sub) -> None:
     ps = sub.add_parser("preset", help="the authors' recipe for <backbone>/<method> as a params.yaml")
     ps.add_argument("name", nargs="?", default=None, help="e.g. sd35/flowbp_lagrange (none: list them)")
     ps.add_argument("--out", default=None, help="write to this file (e.g. params.yaml) instead of stdout")
+    ps.add_argument("--list", action="store_true", help="list the presets")
     ps.set_defaults(func=_cmd_preset)
 
     pp = sub.add_parser("pipeline", help="the whole chain through Dagster, or dvc.yaml from the graph")
