@@ -64,13 +64,15 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     if args.pipeline_command == "dvc-yaml":
+        from flowbp_ops.params import load_params
         from pipelines.graph import dvc_yaml
 
-        text = dvc_yaml()
+        text = dvc_yaml(load_params(args.params))  # outputs where this params file puts them
         if args.check:
             current = Path(args.out).read_text() if Path(args.out).exists() else ""
             if current != text:
-                raise ValueError(f"{args.out} differs from pipelines/graph.py: run `flowbp pipeline dvc-yaml`")
+                raise ValueError(f"{args.out} differs from pipelines/graph.py and {args.params}: "
+                                 "run `flowbp pipeline dvc-yaml`")
             return 0
         Path(args.out).write_text(text)
         print(args.out)
@@ -130,4 +132,5 @@ def add_commands(sub) -> None:
     d = psub.add_parser("dvc-yaml", help="write dvc.yaml from pipelines/graph.py")
     d.add_argument("--out", default="dvc.yaml")
     d.add_argument("--check", action="store_true", help="fail if the file differs")
+    d.add_argument("--params", default="params.yaml", help="the settings it is written for (world_dir, base model)")
     d.set_defaults(func=_cmd_pipeline)

@@ -59,45 +59,56 @@ STAGES: tuple[Stage, ...] = (
 BY_NAME = {s.name: s for s in STAGES}
 
 
-def _outs_of(stage: Stage, item: str | None) -> list[str]:
-    paths = list(stage.outs) + list(stage.metrics) + list(stage.plots)
-    return [p.replace("${item}", item) for p in paths] if item else paths
+def _outs_of(stage: Stage, item: str | None, params=None) -> list[str]:
+    """The stage's DVC outputs: the table's paths under the params' ``world_dir`` / ``data_dir``."""
+    outs = stage.outs
+    if stage.name == "base_model" and params is not None and params.base_model.source != "default":
+        outs = (f"{W}/backbone.json",)  # a real model is pinned (hub commit / checksum), not built here
+    paths = list(outs) + list(stage.metrics) + list(stage.plots)
+    paths = [p.replace("${item}", item) for p in paths] if item else paths
+    return [_relocate(p, params) for p in paths]
+
+
+def _relocate(path: str, params) -> str:
+    if params is None:
+        return path
+    if path.startswith(W + "/"):
+        return f"{params.world_dir.rstrip('/')}/{path[len(W) + 1:]}"
+    return f"{params.data_dir.rstrip('/')}/{path[len('data/'):]}"
 
 
 def stage_outputs(stage: Stage, params, item: str | None = None) -> list[Path]:
-    """The stage's output paths under ``params.world_dir`` / ``params.data_dir`` (the table uses the defaults)."""
-    out = []
-    for p in _outs_of(stage, item):
-        if p.startswith(W + "/"):
-            out.append(Path(params.world_dir) / p[len(W) + 1:])
-        else:
-            out.append(Path(params.data_dir) / p[len("data/"):])
-    return out
+    """The stage's output paths under ``params.world_dir`` / ``params.data_dir``."""
+    return [Path(p) for p in _outs_of(stage, item, params)]
 
 
-def dvc_yaml() -> str:
-    """``dvc.yaml`` for the graph: each stage runs ``flowbp stage NAME``; per-method stages ``foreach``."""
+def dvc_yaml(params=None) -> str:
+    """``dvc.yaml`` for the graph: each stage runs ``flowbp stage NAME``; per-method stages ``foreach``.
+    With ``params``: outputs where those settings put them (another ``world_dir``, a real base model)."""
     stages = {}
     for s in STAGES:
         deps = []
         for d in s.deps:
             up = BY_NAME[d]
             if up.per_method and s.per_method:
-                deps += _outs_of(up, "${item}")
-            elif up.per_method:
-                deps += [p.split("${item}")[0].rstrip("/") for p in up.metrics]  # the whole per-method folder
+                deps += _outs_of(up, "${item}", params)
+            elif up.per_method:  # the whole per-method folder
+                deps += [_relocate(p.split("${item}")[0].rstrip("/"), params) for p in up.metrics]
             else:
-                deps += _outs_of(up, None)
+                deps += _outs_of(up, None, params)
+        outs, metrics = _outs_of(s, None, params), [_relocate(m, params) for m in s.metrics]
+        plots = {_relocate(p, params): opts for p, opts in s.plots.items()}
+        outs = [o for o in outs if o not in metrics and o not in plots]
         body: dict = {"cmd": f"flowbp stage {s.name}" + (" --method ${item}" if s.per_method else "")}
         if deps:
             body["deps"] = sorted(set(deps))
         body["params"] = list(s.params)
-        if s.outs:
-            body["outs"] = list(s.outs)
-        if s.metrics:
-            body["metrics"] = [{m: {"cache": False}} for m in s.metrics]
-        if s.plots:
-            body["plots"] = [{p: {"cache": False, **opts}} for p, opts in s.plots.items()]
+        if outs:
+            body["outs"] = outs
+        if metrics:
+            body["metrics"] = [{m: {"cache": False}} for m in metrics]
+        if plots:
+            body["plots"] = [{p: {"cache": False, **opts}} for p, opts in plots.items()]
         stages[s.name] = {"foreach": "${methods}", "do": body} if s.per_method else body
     header = "# generated from pipelines/graph.py by `flowbp pipeline dvc-yaml`; do not edit by hand\n"
     return header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)

@@ -101,6 +101,13 @@ def test_one_graph_for_dagster_and_dvc():
     assert set(dvc) == {s.name for s in STAGES}
     assert dvc["trained_variant"]["foreach"] == "${methods}"
     assert "data/variants/${item}/adapter" in dvc["evaluation"]["do"]["deps"]
+    # a preset's params: outputs under its world_dir, and a real base model is a pin, not built weights
+    from flowbp_ops.presets import get_preset
+
+    real = yaml.safe_load(dvc_yaml(get_preset("sd35/flowbp_lagrange")))["stages"]
+    assert real["base_model"]["outs"] == ["data/sd35/backbone.json"]
+    assert real["prompt_sets"]["outs"] == ["data/sd35/prompts"]
+    assert "data/sd35/backbone.json" in real["cached_rollouts"]["deps"]
 
 
 def test_dagster_config_is_the_library_schema():
