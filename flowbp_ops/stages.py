@@ -279,6 +279,12 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
     images = generate(bb, prompts, r.n_steps, r.guidance, seed=r.seed)  # same prompts, same noise
     base = _score(base_images, prompts, rewards, classifier)
     tuned = _score(images, prompts, rewards, classifier)
+    if e.judge_url:  # evaluation only: a served VLM's 1-5 scores next to the rewards
+        from flowbp_ops.judges.vlm import VLMJudge, VLMJudgeConfig
+
+        judge = VLMJudge(VLMJudgeConfig(base_url=e.judge_url, model=e.judge_model))
+        for scores, imgs in ((base, base_images), (tuned, images)):
+            scores.update({f"judge/{k}": float(v.mean()) for k, v in judge(imgs, prompts).items()})
     grid_prompts = prompts[:: max(1, len(prompts) // e.grid_prompts)][: e.grid_prompts]  # spread over the set
     base["diversity"], base_grid = _diversity(base_bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed)
     tuned["diversity"], grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed)

@@ -1,6 +1,11 @@
-"""Shared fixtures: a velocity field with a known Jacobian, and the tiny SD3-architecture DiT."""
+"""Shared fixtures: a velocity field with a known Jacobian, the tiny SD3-architecture DiT, and a stub
+OpenAI-compatible server for the VLM judge."""
 
 from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -91,3 +96,58 @@ def s3_bucket(s3_endpoint):
     s3, bucket = s3_client(), f"b-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
     return s3, bucket
+
+
+# --------------------------------------------------------------------------------------------
+# A stub OpenAI-compatible server
+# --------------------------------------------------------------------------------------------
+
+class Stub:
+    """Records every request; ``script`` is a queue of (status, body, headers) to answer with,
+    and once it is empty ``reply(prompt_text)`` builds a 200 chat completion."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.script: list[tuple[int, str, dict]] = []
+        self.reply = lambda text: "Alignment Score: 4\nQuality Score: 3"
+        self.lock = threading.Lock()
+
+
+@pytest.fixture
+def stub():
+    state = Stub()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            with state.lock:
+                state.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                scripted = state.script.pop(0) if state.script else None
+            if scripted is None:
+                if self.path != "/v1/chat/completions":
+                    scripted = (404, json.dumps({"error": {"message": f"no route {self.path}"}}), {})
+                else:
+                    msg = json.loads(body)["messages"][0]["content"]
+                    text = next(p["text"] for p in msg if p["type"] == "text")
+                    content = state.reply(text)
+                    scripted = (200, json.dumps({"choices": [{"message": {"role": "assistant",
+                                                                          "content": content}}]}), {})
+            status, payload, headers = scripted
+            data = payload.encode()
+            self.send_response(status)
+            for k, v in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield state
+    server.shutdown()
+    server.server_close()

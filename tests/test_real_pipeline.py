@@ -66,7 +66,7 @@ def test_train_preset_fetches_pins_and_trains_a_real_backbone(sources, tmp_path,
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_pipeline_stages_on_a_real_backbone_register_a_loadable_model(sources, tmp_path, finetune):
+def test_pipeline_stages_on_a_real_backbone_register_a_loadable_model(sources, tmp_path, finetune, stub):
     import mlflow
 
     from flowbp_ops import stages
@@ -77,6 +77,9 @@ def test_pipeline_stages_on_a_real_backbone_register_a_loadable_model(sources, t
     sets = overrides(sources, tmp_path) + [f"train.finetune={finetune}"]
     if finetune == "full":
         sets += ["train.ema=0.995"]  # the authors' recipe: full fine-tuning, EMA evaluated and saved
+    else:  # and a served VLM judge (a local stub of the OpenAI API) scoring the evaluation's images
+        sets += [f"eval.judge_url={stub.base_url}"]
+        stub.reply = lambda text: "Alignment Score: 4.5\nQuality Score: 2"
     params = params_from(get_preset("sd35/refl").model_dump(mode="json"), sets)
     for stage in (stages.prompt_sets, stages.reward_models, stages.base_model, stages.cached_rollouts):
         stage(params)
@@ -86,6 +89,9 @@ def test_pipeline_stages_on_a_real_backbone_register_a_loadable_model(sources, t
     assert (adapter / ("transformer/config.json" if finetune == "full" else "pytorch_lora_weights.safetensors")).exists()
     ev = stages.evaluation(params, "refl", tracker)  # loads the trained weights onto the pinned base model
     assert "reward/clipscore" in ev["variant"] and set(ev["gates"]) >= {"reward_improved"}
+    if finetune == "lora":  # base and tuned images of both held-out prompts went to the judge
+        assert ev["variant"]["judge/alignment"] == 4.5 and ev["base"]["judge/quality"] == 2.0
+        assert len(stub.requests) == 2 * params.rollouts.n_prompts
     version = tracker.client.get_model_version(params.promote.model_name, summary["model_version"])
     assert version.tags["base_model"] == str(sources / "sd35-pipe") and version.tags["method"] == "refl"
     mlflow.set_tracking_uri(params.tracking.tracking_uri)
