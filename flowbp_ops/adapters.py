@@ -61,8 +61,15 @@ def load_trained(backbone, trained_dir: str | Path) -> None:
     if not (path / "transformer" / "config.json").exists():
         raise FileNotFoundError(f"{path} holds neither {WEIGHT_NAME} nor transformer/: pass the adapter directory "
                                 "a training run wrote")
-    old = backbone.transformer
-    new = type(old).from_pretrained(path / "transformer", torch_dtype=old.dtype, use_safetensors=True)
-    backbone.transformer = new.to(next(old.parameters()).device).eval()
+    base = backbone.transformer
+    cls, dtype, device = type(base), base.dtype, next(base.parameters()).device
+    del base
+    backbone.transformer = None  # drop the base transformer before the tuned one reaches the device
+    if hasattr(backbone, "pipe"):
+        backbone.pipe.transformer = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    new = cls.from_pretrained(path / "transformer", torch_dtype=dtype, use_safetensors=True)
+    backbone.transformer = new.to(device).eval()
     if hasattr(backbone, "pipe"):  # the real adapters also hand the transformer to their diffusers pipeline
         backbone.pipe.transformer = backbone.transformer

@@ -131,11 +131,23 @@ def _preset_run(args: argparse.Namespace):
         raise ConfigError(str(exc)) from None
     from flowbp_ops.training.config import TrainConfig
 
-    # a bare training setting (steps=10) means train.steps, as in `flowbp train --method`
-    sets = [f"train.{s}" if s.split("=", 1)[0] in TrainConfig.model_fields else s for s in args.set]
-    params = params_from(preset.model_dump(mode="json"), sets, f"preset {args.preset}")
+    if args.world != "data/world" or args.backbone != "default":
+        raise ConfigError("--world and --backbone come from the preset: change them with --set world_dir=... "
+                          "or pick another preset")
+    # a bare training setting (steps=10) means train.steps, as in `flowbp train --method`; method axes
+    # (active.k=5) go to train.method_overrides; anything else is a params.yaml key (device=cuda)
+    axes = [s for s in args.set if s.startswith(AXES)]
+    sets = [f"train.{s}" if s.split("=", 1)[0] in TrainConfig.model_fields else s for s in args.set if s not in axes]
+    data = preset.model_dump(mode="json")
+    data["train"]["method_overrides"] = data["train"]["method_overrides"] + axes
+    params = params_from(data, sets, f"preset {args.preset}")
     if args.method and args.method != params.train.method:
         raise ConfigError(f"--method {args.method} contradicts --preset {args.preset}: give one of them")
+    import torch
+
+    if params.device == "cpu" and torch.cuda.is_available():
+        print(f"flowbp: warning: {args.preset} runs on the CPU although a GPU is visible: add --set device=cuda",
+              file=sys.stderr)
     for stage in (stages.prompt_sets, stages.reward_models, stages.base_model):
         stage(params)
     prompts = load_prompts(Path(params.world_dir), "train")

@@ -51,7 +51,9 @@ def get_preset(name: str) -> Params:
         "rewards": {"source": "", "models": {"hpsv2": "hf://xswu/HPSv2/HPS_v2.1_compressed.pt",
                                              "imagereward": "hf://THUDM/ImageReward/ImageReward.pt",
                                              "pickscore": "hf://yuvalkirstain/PickScore_v1",
-                                             "clipscore": "hf://openai/clip-vit-large-patch14"},
+                                             # the model's safetensors, not its other weight formats
+                                             "clipscore": "hf://openai/clip-vit-large-patch14"
+                                                          "?include=*.json,*.txt,*.safetensors"},
                     # the published checkpoints carry no tokenizer: their base models' tokenizers
                     "tokenizers": {"hpsv2": "hf://laion/CLIP-ViT-H-14-laion2B-s32B-b79K?include=*.json,*.txt",
                                    "imagereward": "hf://google-bert/bert-base-uncased?include=*.json,*.txt"}},

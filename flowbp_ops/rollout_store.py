@@ -60,9 +60,11 @@ def generate_rollouts(backbone, prompts: list[str], n_steps: int, guidance: floa
             chunk = prompts[start:start + shard_size]
             seeds = list(range(seed + start, seed + start + len(chunk)))
             cond = backbone.conditioning(chunk, guidance)
-            cache = rollout(denoiser, initial_noise(shape, seeds), sigmas, cond)
+            x0 = initial_noise(shape, seeds).to(getattr(backbone, "device", "cpu"))  # CPU draw: same on any device
+            cache = rollout(denoiser, x0, sigmas, cond)
             tensors = {"x": torch.stack(cache.x), "v": torch.stack(cache.v),
                        "sigmas": torch.from_numpy(cache.sigmas), "seeds": torch.tensor(seeds), **_flatten(cond)}
+            tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}  # shards are device-free
             name = f"shard-{k:05d}.safetensors"
             save_file(tensors, str(tmp / name), metadata={
                 "prompts": json.dumps(chunk), "guidance": json.dumps(guidance), "backbone": backbone.name})

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 from flowbp_ops.atomic import atomic_path
 from flowbp_ops.params import Params
@@ -216,8 +215,13 @@ def _register(params: Params, tracker, run_id: str, adapter: Path, tags: dict[st
     tags = {**tags, "base_model": record["source"], "base_model.revision": str(record["revision"])}
     if params.train.finetune == "full":
         return tracker.register_variant(run_id, name, {RECORD: w / RECORD}, adapter, tags)
-    base = record["source"][len("hf://"):].partition("@")[0] if record["source"].startswith("hf://") else record["path"]
-    return tracker.register_adapter(run_id, name, base, adapter, tags)
+    if record["source"].startswith("hf://"):
+        from flowbp_ops.storage import parse_hub_uri
+
+        base, revision = parse_hub_uri(record["source"])[1], record["revision"]
+    else:
+        base, revision = record["path"], None  # an absolute folder
+    return tracker.register_adapter(run_id, name, base, adapter, tags, revision)
 
 
 def _rollouts_sha(p: Paths) -> str:
@@ -229,123 +233,9 @@ def _rollouts_sha(p: Paths) -> str:
     return sha256_of(index)
 
 
-# -- evaluation --------------------------------------------------------------------------------
+# -- evaluation: flowbp_ops/evaluation_stage.py --------------------------------------------------
 
-
-@torch.no_grad()
-def _diversity(backbone, prompts: list[str], n_seeds: int, steps: int, guidance, seed: int) -> tuple[float, Any]:
-    """Mean pairwise pixel distance between samples of the same prompt (and the samples)."""
-    from flowbp_ops.sampling import generate
-
-    batch = [p for p in prompts for _ in range(n_seeds)]
-    images = generate(backbone, batch, steps, guidance, seed=seed + 10_000)  # distinct seeds per copy
-    grid = images.view(len(prompts), n_seeds, *images.shape[1:])
-    flat = grid.flatten(2)
-    d = torch.cdist(flat, flat).sum((1, 2)) / (n_seeds * (n_seeds - 1))
-    return float(d.mean() / flat.shape[-1] ** 0.5), grid
-
-
-def _score(images, prompts, rewards: dict, classifier) -> dict[str, float]:
-    from flowbp_ops.evaluation import attribute_accuracy
-
-    out = {}
-    for n, r in rewards.items():
-        scores = r(images, prompts)
-        out[f"reward/{n}"], out[f"reward_std/{n}"] = float(scores.mean()), float(scores.std())
-    if classifier is not None:
-        out.update(attribute_accuracy(classifier, images, prompts))
-    return out
-
-
-def evaluation(params: Params, method: str, tracker=None) -> dict:
-    """Held-out metrics of a variant next to the base model's (from the cached rollouts), and the gates."""
-    from flowbp_ops.rewards.base import get_reward
-    from flowbp_ops.rollout_store import load_rollouts
-    from flowbp_ops.sampling import generate
-
-    p, r, e = paths(params), params.rollouts, params.eval
-    summary_file = p.variant(method) / "summary.json"
-    if not summary_file.exists():
-        raise FileNotFoundError(f"{summary_file} not found: train the variant first (trained_variant[{method}])")
-    summary = json.loads(summary_file.read_text())
-    names = dict.fromkeys([params.train.reward, *e.rewards])  # the training reward (maybe a composite) first
-    rewards = {n: get_reward(n, world_dir=params.world_dir) for n in names}
-    classifier = getattr(rewards.get("align_heldout"), "net", None)
-    base_bb, bb = _backbone(params), _backbone(params, p.variant(method) / "adapter")
-
-    shards = list(load_rollouts(p.rollouts))
-    prompts = sum((s[0] for s in shards), [])
-    base_images = torch.cat([base_bb.decode(cache.x[-1]) for _, cache, _, _ in shards])
-    images = generate(bb, prompts, r.n_steps, r.guidance, seed=r.seed)  # same prompts, same noise
-    base = _score(base_images, prompts, rewards, classifier)
-    tuned = _score(images, prompts, rewards, classifier)
-    if e.judge_url:  # evaluation only: a served VLM's 1-5 scores next to the rewards
-        from flowbp_ops.judges.vlm import VLMJudge, VLMJudgeConfig
-
-        judge = VLMJudge(VLMJudgeConfig(base_url=e.judge_url, model=e.judge_model))
-        for scores, imgs in ((base, base_images), (tuned, images)):
-            scores.update({f"judge/{k}": float(v.mean()) for k, v in judge(imgs, prompts).items()})
-    grid_prompts = prompts[:: max(1, len(prompts) // e.grid_prompts)][: e.grid_prompts]  # spread over the set
-    base["diversity"], base_grid = _diversity(base_bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed)
-    tuned["diversity"], grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed)
-    metrics = {"method": method, "n_prompts": len(prompts), "base": base, "variant": tuned,
-               "delta": {k: tuned[k] - base[k] for k in tuned}, "gates": gates(params, base, tuned),
-               "model_version": summary.get("model_version"), "run_id": summary.get("run_id")}
-    with atomic_path(p.evaluation(method)) as tmp:
-        tmp.mkdir()
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_grid(base_grid, grid, grid_prompts, tmp / "samples.png", f"{method}: base (left) vs tuned (right)")
-    if tracker is not None and summary.get("run_id"):
-        run_id = summary["run_id"]
-        tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in tuned.items()})
-        tracker.log_metrics(run_id, {f"eval_base/{k}": v for k, v in base.items()})
-        tracker.log_artifact(run_id, p.evaluation(method) / "samples.png", "samples")
-        tracker.log_artifact(run_id, p.evaluation(method) / "metrics.json", "evaluation")
-    return metrics
-
-
-def gates(params: Params, base: dict, tuned: dict) -> dict[str, dict]:
-    """The promotion gates (also Dagster's blocking asset checks): improvement, no hacking, no collapse.
-
-    Held-out rewards live on different scales (probabilities, logits), so their change is
-    measured in standard deviations of the base model's scores on the same prompts.
-    """
-    pr = params.promote
-    train_key = f"reward/{params.train.reward}"
-    out = {}
-    gain = tuned[train_key] - base[train_key]
-    out["reward_improved"] = {"passed": gain > pr.min_improvement, "gain": gain, "min": pr.min_improvement}
-    held = {k.removeprefix("reward/"): (tuned[k] - base[k]) / max(base[k.replace("reward/", "reward_std/")], 1e-8)
-            for k in tuned if k.startswith("reward/") and k != train_key}
-    worst = min(held.values()) if held else 0.0
-    out["heldout_not_collapsed"] = {"passed": worst >= -pr.heldout_tolerance_sd, "worst_change_sd": worst,
-                                    "change_sd": held, "tolerance_sd": pr.heldout_tolerance_sd}
-    ratio = tuned["diversity"] / max(base["diversity"], 1e-12)
-    out["diversity_not_collapsed"] = {"passed": ratio >= pr.min_diversity_ratio, "ratio": ratio,
-                                      "min_ratio": pr.min_diversity_ratio}
-    return out
-
-
-def save_grid(base_grid, grid, prompts: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, cols = grid.shape[0], grid.shape[1]
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 0.9, rows * 0.95 + 0.4), squeeze=False)
-    for i in range(rows):
-        for j in range(2 * cols):
-            img = (base_grid if j < cols else grid)[i, j % cols].permute(1, 2, 0).clamp(0, 1).numpy()
-            ax = axes[i, j]
-            ax.imshow(img, interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(prompts[i][:28], fontsize=5, rotation=0, ha="right", va="center")
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+from flowbp_ops.evaluation_stage import evaluation, gates, save_grid  # noqa: E402,F401  (stage functions)
 
 
 # -- comparison and promotion ---------------------------------------------------------------------

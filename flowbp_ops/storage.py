@@ -56,7 +56,7 @@ def split_s3(uri: str) -> tuple[str, str]:
 def fetch(uri: str, dest: str | Path, expected_sha256: str | None = None) -> str:
     """Copy ``uri`` to ``dest`` (a file or a folder); verify the checksum when one is given.
 
-    Written to ``dest.partial`` and renamed, so a failed or refused fetch leaves nothing.
+    Written to a ``dest.partial-*`` sibling and renamed, so a failed or refused fetch leaves nothing.
     """
     with atomic_path(dest) as tmp:
         if uri.startswith("s3://"):
@@ -99,9 +99,8 @@ def _fetch_s3(uri: str, tmp: Path) -> None:
         raise SourceError(f"{uri!r}: no such object or prefix in bucket {bucket!r}")
 
 
-def _fetch_hub(uri: str, tmp: Path) -> None:
-    from huggingface_hub import hf_hub_download, snapshot_download
-
+def parse_hub_uri(uri: str) -> tuple[str, str, str | None, str, list[str] | None]:
+    """``hf://[datasets/]owner/name[@rev][/path][?include=A,B]`` → (repo_type, repo, revision, path, include)."""
     rest, _, query = uri[len("hf://"):].partition("?")
     # ?include=*.json,*.txt: only those files of the repo (a tokenizer without the model's weights)
     include = [p for p in query.removeprefix("include=").split(",") if p] if query.startswith("include=") else None
@@ -111,10 +110,16 @@ def _fetch_hub(uri: str, tmp: Path) -> None:
     if rest.startswith("datasets/"):
         repo_type, rest = "dataset", rest[len("datasets/"):]
     parts = rest.split("/")
-    if len(parts) < 2:
+    if len(parts) < 2 or not parts[0] or not parts[1]:
         raise SourceError(f"{uri!r}: a hub URI is hf://owner/name[@revision][/file]")
     name, _, revision = parts[1].partition("@")
-    repo, filename = f"{parts[0]}/{name}", "/".join(parts[2:])
+    return repo_type, f"{parts[0]}/{name}", revision or None, "/".join(parts[2:]), include
+
+
+def _fetch_hub(uri: str, tmp: Path) -> None:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    repo_type, repo, revision, filename, include = parse_hub_uri(uri)
     if filename:
         got = hf_hub_download(repo, filename, repo_type=repo_type, revision=revision or None)
         shutil.copyfile(got, tmp)

@@ -154,14 +154,22 @@ class Tracker:
         return str(mv.version)
 
     def register_adapter(self, run_id: str, model_name: str, base_model: str, adapter_dir: Path,
-                         tags: dict[str, str]) -> str:
+                         tags: dict[str, str], revision: str | None = None) -> str:
         """A real backbone's adapter through MLflow's diffusers flavour (base model by hub id and commit, or
-        path; the adapter's weights as artifacts); returns the registered version."""
+        path; the adapter's weights as artifacts); returns the registered version.
+
+        The flavour records the hub's latest commit when it logs; if that is not the commit the base model
+        was pinned to (a newer upload since), registering would point at the wrong base, so it refuses."""
         import mlflow.diffusers
 
         with mlflow.start_run(run_id=run_id):
             info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="model",
                                               metadata={"flowbp": tags})
+        recorded = (info.flavors.get("diffusers") or {}).get("base_model_revision")
+        if revision and recorded != revision:
+            raise PromotionError(f"MLflow recorded {base_model}@{recorded} but the model was trained on the pinned "
+                                 f"@{revision}: the hub moved since; load it with load_pipeline(revision='{revision}') "
+                                 "or retrain on the new commit")
         mv = mlflow.register_model(info.model_uri, model_name, tags=tags)
         return str(mv.version)
 

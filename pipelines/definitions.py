@@ -6,6 +6,7 @@ tables and plots). Start the UI with ``dagster dev -m pipelines.definitions`` (1
 
 
 import base64
+from contextlib import nullcontext
 import json
 import math
 from pathlib import Path
@@ -50,10 +51,10 @@ def _metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 def _run(stage: Stage, context: dg.AssetExecutionContext, params, mlflow: MlflowResource, compute: ComputeResource):
     """Call the stage's library function; returns (metadata, check results)."""
-    compute.check()
-    with compute.placed() as device:
+    device, precision = compute.resolve(params)
+    with compute.placed(device) if stage.gpu else nullcontext(device) as device:
         params = params.model_copy(update={"device": device,
-                                           "train": params.train.model_copy(update={"precision": compute.precision})})
+                                           "train": params.train.model_copy(update={"precision": precision})})
         return _call(stage, context, params, mlflow)
 
 

@@ -40,7 +40,7 @@ STAGES: tuple[Stage, ...] = (
                                                                "flow_steps", "flow_batch", "flow_lr", "cfg_dropout")),
           outs=(f"{W}/vae", f"{W}/transformer", f"{W}/base_model.json")),
     Stage("cached_rollouts", "No-grad base-model rollouts of the held-out prompts with their caches (sharded)",
-          deps=("prompt_sets", "base_model"), params=("rollouts",), outs=("data/rollouts",)),
+          deps=("prompt_sets", "base_model"), params=("rollouts",), outs=("data/rollouts",), gpu=True),
     Stage("trained_variant", "One method trained (LoRA adapter, EMA weights), one MLflow run, a model version",
           deps=("prompt_sets", "reward_models", "base_model", "cached_rollouts"), params=("train",),
           outs=("data/variants/${item}/adapter", "data/variants/${item}/checkpoints"),

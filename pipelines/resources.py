@@ -64,28 +64,31 @@ def _key(path: Path) -> str:
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Device and precision for training and evaluation. ``device: cuda:auto`` on a multi-GPU node gives
-    each op a GPU of its own (set the ``gpu`` pool limit to the number of GPUs); a GPU executor
-    pod with one GPU uses ``cuda``."""
+    """Device and precision for training and evaluation; unset, they come from ``params.yaml``
+    (``device``, ``train.precision``), so Dagster and DVC run a params file the same way.
+    ``device: cuda:auto`` on a multi-GPU node gives each GPU op a GPU of its own (set the ``gpu`` pool
+    limit to the number of GPUs); a GPU executor pod with one GPU uses ``cuda``."""
 
-    device: str = "cpu"
-    precision: str = "fp32"
+    device: str | None = None
+    precision: str | None = None
     lock_dir: str = "/tmp/flowbp-gpu-locks"
 
-    def check(self) -> None:
+    def resolve(self, params) -> tuple[str, str]:
         import torch
 
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"compute.device={self.device} but no CUDA device is visible: run on a GPU "
-                               f"executor or set the compute resource's device to cpu")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"compute.precision={self.precision!r}: choose fp32 or bf16")
+        device, precision = self.device or params.device, self.precision or params.train.precision
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device={device} but no CUDA device is visible: run on a GPU "
+                               f"executor or set the device (params.yaml or the compute resource) to cpu")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={precision!r}: choose fp32 or bf16")
+        return device, precision
 
     @contextmanager
-    def placed(self) -> Iterator[str]:
-        """The device this op runs on, held for the op (``cuda:auto``: a free GPU of this node)."""
-        if self.device != "cuda:auto":
-            yield self.device
+    def placed(self, device: str) -> Iterator[str]:
+        """The device a GPU op runs on, held for the op (``cuda:auto``: a free GPU of this node)."""
+        if device != "cuda:auto":
+            yield device
             return
         import torch
 

@@ -83,6 +83,7 @@ def test_judge_without_key_sends_no_authorization(stub, monkeypatch):
 @pytest.mark.parametrize("reply, expected", [
     ("Alignment Score: 4.5\nQuality Score: 3", (4.5, 3.0)),
     ("alignment: 2\nquality: 5", (2.0, 5.0)),
+    ("Alignment Score (1-5): 4\nQuality Score (1-5): 3", (4.0, 3.0)),  # UnifiedReward's own format
     ("**Alignment Score**: 3/5\n**Quality Score**: 4/5", (3.0, 4.0)),
     ('```json\n{"alignment": 4, "quality": 2}\n```', (4.0, 2.0)),
     ('Here you go: {"Alignment Score": "1.5", "quality_score": 5}', (1.5, 5.0)),

@@ -238,9 +238,12 @@ def test_storage_resource_publishes_to_s3_and_compute_refuses_missing_gpu(tmp_pa
 
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
-            ComputeResource(device="cuda").check()
+            ComputeResource(device="cuda").resolve(Params())
     with pytest.raises(ValueError, match="fp32 or bf16"):
-        ComputeResource(precision="fp16").check()
+        ComputeResource(precision="fp16").resolve(Params())
+    # unset, the resource takes params.yaml's device and precision (Dagster runs a params file as DVC does)
+    p = Params.model_validate({"train": {"precision": "bf16"}})
+    assert ComputeResource().resolve(p) == ("cpu", "bf16") and ComputeResource(precision="fp32").resolve(p)[1] == "fp32"
 
 
 def test_unreachable_mlflow_server_fails_fast_without_leaking_credentials(tmp_path, capsys):

@@ -63,6 +63,8 @@ def test_train_preset_fetches_pins_and_trains_a_real_backbone(sources, tmp_path,
     err = capsys.readouterr().err
     assert "FluxPipeline" in err and "StableDiffusion3Pipeline" in err and not (tmp_path / "bad").exists()
     assert main(["train", "--preset", "sd35/nope"]) == 2 and "unknown preset" in capsys.readouterr().err
+    assert main(["train", "--preset", "sd35/refl", "--world", "elsewhere"]) == 2  # the preset places the world
+    assert "--set world_dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])

@@ -81,10 +81,12 @@ class Flux1Backbone:
         return Denoiser(FluxVelocity(self.transformer, self.img_ids, guidance), cfg_scale=None)
 
     def decode(self, latents: Tensor) -> Tensor:
-        vae, px = self.pipe.vae, self._latent_side() * self.pipe.vae_scale_factor
-        z = self.pipe._unpack_latents(latents.float(), px, px, self.pipe.vae_scale_factor)
-        z = z / vae.config.scaling_factor + vae.config.shift_factor
-        return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+        # float32 even inside training's bf16 autocast: bf16 decoding bands the images
+        with torch.autocast(latents.device.type, enabled=False):
+            vae, px = self.pipe.vae, self._latent_side() * self.pipe.vae_scale_factor
+            z = self.pipe._unpack_latents(latents.float(), px, px, self.pipe.vae_scale_factor)
+            z = z / vae.config.scaling_factor + vae.config.shift_factor
+            return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         side = self._latent_side()

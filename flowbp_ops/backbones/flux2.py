@@ -25,8 +25,11 @@ from flowbp_ops.backbones.schedules import get_schedule
 from flowbp_ops.backbones.sd35 import resolve_dtype
 from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
 
-# double-stream attention as FLUX.1, plus the fused projections of the single-stream blocks
-FLUX2_LORA_TARGETS = FLUX_LORA_TARGETS + ["to_qkv_mlp_proj"]
+# double-stream attention as FLUX.1, plus the single-stream blocks' fused input projection and their output
+# projection (a plain Linear named `attn.to_out` there, a ModuleList in the double-stream blocks): peft takes
+# a regex over full module names
+FLUX2_LORA_TARGETS = (r".*(?:\.(?:" + "|".join(t.replace(".", r"\.") for t in FLUX_LORA_TARGETS + ["to_qkv_mlp_proj"])
+                      + r")|single_transformer_blocks\.\d+\.attn\.to_out)$")
 
 
 class Flux2Velocity:
@@ -91,12 +94,14 @@ class Flux2Backbone:
         return Denoiser(Flux2Velocity(self.transformer, self.img_ids), cfg_scale=guidance)
 
     def decode(self, latents: Tensor) -> Tensor:
-        pipe, vae, side = self.pipe, self.pipe.vae, self._latent_side() // 2
-        z = pipe._unpack_latents_with_ids(latents.float(), self.img_ids.expand(latents.shape[0], -1, -1), side, side)
-        mean = vae.bn.running_mean.view(1, -1, 1, 1)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
-        z = pipe._unpatchify_latents(z * std + mean)
-        return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+        # float32 even inside training's bf16 autocast: bf16 decoding bands the images
+        with torch.autocast(latents.device.type, enabled=False):
+            pipe, vae, side = self.pipe, self.pipe.vae, self._latent_side() // 2
+            z = pipe._unpack_latents_with_ids(latents.float(), self.img_ids.expand(latents.shape[0], -1, -1), side, side)
+            mean = vae.bn.running_mean.view(1, -1, 1, 1)
+            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+            z = pipe._unpatchify_latents(z * std + mean)
+            return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         side = self._latent_side() // 2

@@ -31,43 +31,71 @@ def adapter_class(kind: str):
     return classes[kind]
 
 
-def check_pipeline(folder: Path, kind: str) -> str:
-    """The folder's ``model_index.json`` names the pipeline class the adapter loads, or a clear error."""
-    index = folder / "model_index.json"
+def check_pipeline(index: Path, kind: str) -> str:
+    """``model_index.json`` names the pipeline class the adapter loads (and, for FLUX.2, an undistilled
+    Klein), or a clear error before any weight is downloaded."""
     if not index.exists():
-        raise ConfigError(f"{folder} has no model_index.json: base_model.source must be a whole diffusers pipeline "
-                          "(a hub id such as hf://stabilityai/stable-diffusion-3.5-medium, or its saved folder)")
-    found, expected = json.loads(index.read_text()).get("_class_name"), adapter_class(kind).pipeline_class
+        raise ConfigError(f"{index.parent} has no model_index.json: base_model.source must be a whole diffusers "
+                          "pipeline (a hub id such as hf://stabilityai/stable-diffusion-3.5-medium, or its saved folder)")
+    meta = json.loads(index.read_text())
+    found, expected = meta.get("_class_name"), adapter_class(kind).pipeline_class
     if found != expected:
-        raise ConfigError(f"{folder} holds a {found}, but train.backbone={kind} loads a {expected}: "
+        raise ConfigError(f"{index.parent} holds a {found}, but train.backbone={kind} loads a {expected}: "
                           "set train.backbone to the matching backbone or point base_model.source at the right model")
+    if meta.get("is_distilled"):
+        raise ConfigError(f"{index.parent} is a step-distilled Klein (no CFG): fine-tune the base model, "
+                          "e.g. hf://black-forest-labs/FLUX.2-klein-base-9B")
     return found
+
+
+def _hub_pipeline(source: str, revision: str | None, kind: str) -> tuple[Path, str]:
+    """Pin the hub repo to a commit, check its pipeline class from ``model_index.json`` alone, then download
+    only what the pipeline loads (diffusers' own file selection, safetensors), not the repo's other files."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import HfApi, hf_hub_download
+
+    from flowbp_ops.storage import parse_hub_uri
+
+    _, repo, rev, _, _ = parse_hub_uri(source)
+    if revision and rev and revision != rev:
+        raise ConfigError(f"base_model.source={source!r} pins @{rev} but base_model.revision={revision!r}: give one")
+    sha = HfApi().model_info(repo, revision=revision or rev).sha  # the commit it resolves to now
+    check_pipeline(Path(hf_hub_download(repo, "model_index.json", revision=sha)), kind)
+    return Path(DiffusionPipeline.download(repo, revision=sha, use_safetensors=True)), sha
 
 
 def resolve_base_model(source: str, revision: str | None, kind: str, world_dir: str | Path,
                        settings: dict | None = None) -> dict:
     """Resolve, pin, check and record the base model with the settings it runs at (dtype, resolution,
-    text length), so a registered model loads as it was trained; returns the record (stage metadata)."""
+    text length), so a registered model loads as it was trained; returns the record (stage metadata).
+    An existing pin of the same source and revision is kept: a rerun never moves to a newer upload."""
     from flowbp_ops.storage import fetch
 
     world_dir = Path(world_dir)
+    settings = settings or {}
+    if (world_dir / RECORD).exists():
+        old = json.loads((world_dir / RECORD).read_text())
+        same = old["source"] == source and old["backbone"] == kind and revision in (None, old["revision"])
+        if same and Path(old["path"]).exists():
+            record = {**old, "settings": settings}
+            with atomic_path(world_dir / RECORD) as tmp:
+                tmp.write_text(json.dumps(record, indent=2))
+            return {**record, "reused_pin": True}
     if source.startswith("hf://"):
-        from huggingface_hub import HfApi, snapshot_download
-
-        repo, _, rev = source[len("hf://"):].partition("@")
-        sha = HfApi().model_info(repo, revision=revision or rev or None).sha  # the commit it resolves to now
-        path, pinned = Path(snapshot_download(repo, revision=sha)), sha
+        path, pinned = _hub_pipeline(source, revision, kind)
     elif source.startswith("s3://"):
-        path = world_dir / "base_model"
+        path = (world_dir / "base_model").resolve()
         pinned = fetch(source, path, revision)  # for S3 the pin is the content checksum
+        check_pipeline(path / "model_index.json", kind)
     else:
         path = Path(source.removeprefix("file://")).expanduser().resolve()
         if not path.is_dir():
             raise ConfigError(f"base_model.source={source!r} is not a folder: give hf://owner/name[@rev], "
                               "s3://bucket/prefix or a local pipeline folder")
+        check_pipeline(path / "model_index.json", kind)
         pinned = revision
     record = {"backbone": kind, "source": source, "revision": pinned, "path": str(path),
-              "pipeline": check_pipeline(path, kind), "settings": settings or {}}
+              "pipeline": adapter_class(kind).pipeline_class, "settings": settings}
     world_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(world_dir / RECORD) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
@@ -93,7 +121,10 @@ def load_backbone(kind: str, world_dir: str | Path, device: str | torch.device =
     source, revision = Path(record["path"]), None
     if not source.exists():  # another machine (a GPU executor, a registered model): the pinned hub commit
         if not record["source"].startswith("hf://"):
-            raise ConfigError(f"{source} (from {record['source']}) is not on this machine: rerun base_model here")
-        source, revision = record["source"][len("hf://"):].partition("@")[0], record["revision"]
+            raise ConfigError(f"{source} (from {record['source']}) is not on this machine: fetch it here with "
+                              "`flowbp stage base_model` (same source, checksum checked)")
+        from flowbp_ops.storage import parse_hub_uri
+
+        source, revision = parse_hub_uri(record["source"])[1], record["revision"]
     return adapter_class(kind)(source, revision=revision, device=device, cache_dir=world_dir / "embeddings" / kind,
                                **settings)

@@ -73,9 +73,11 @@ class SD35Backbone:
         return Denoiser(SD3Velocity(self.transformer), cfg_scale=guidance)
 
     def decode(self, latents: Tensor) -> Tensor:
-        vae = self.pipe.vae
-        z = latents.float() / vae.config.scaling_factor + vae.config.shift_factor
-        return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+        # float32 even inside training's bf16 autocast: bf16 decoding bands the images
+        with torch.autocast(latents.device.type, enabled=False):
+            vae = self.pipe.vae
+            z = latents.float() / vae.config.scaling_factor + vae.config.shift_factor
+            return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)

@@ -83,7 +83,7 @@ def _excerpt(text: str, limit: int = 500) -> str:
 
 _NUM = r"(-?\d+(?:\.\d+)?)"
 # "Alignment Score: 4.5", "**Quality**: 3", "quality = 2/5": the name, optional words, ':' or '='
-_LINE = {k: re.compile(rf"\b{k}\b[a-z ]*[\s*]*[:=][\s*]*{_NUM}", re.IGNORECASE)
+_LINE = {k: re.compile(rf"\b{k}\b[a-z ]*(?:\(\s*1\s*[-–]\s*5\s*\))?[\s*]*[:=][\s*]*{_NUM}", re.IGNORECASE)
          for k in ("alignment", "quality")}
 _JSON_KEYS = {"alignment": ("alignment", "alignment_score", "alignment score"),
               "quality": ("quality", "quality_score", "quality score")}

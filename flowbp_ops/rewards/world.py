@@ -101,7 +101,9 @@ def _path(world_dir: str | Path, name: str) -> Path:
 
 for _name, _kind in [("align", AlignmentReward), ("align_heldout", AlignmentReward),
                      ("quality", QualityReward), ("quality_heldout", QualityReward)]:
-    register(_name)(lambda world_dir, _n=_name, _k=_kind, **_: _k(load_net(_path(world_dir, _n)), _n))
+    register(_name)(lambda world_dir, device="cpu", _n=_name, _k=_kind, **_:
+                    _k(load_net(_path(world_dir, _n)).to(device), _n))
 # bounded realism for composites with the alignment probability ("align:0.7,realism:0.3"): the logit is
 # unbounded and a composite with it is won by pushing the critic alone
-register("realism")(lambda world_dir, **_: QualityReward(load_net(_path(world_dir, "quality")), "realism", True))
+register("realism")(lambda world_dir, device="cpu", **_:
+                    QualityReward(load_net(_path(world_dir, "quality")).to(device), "realism", True))

@@ -44,6 +44,11 @@ def attach_trainable(backbone, cfg: TrainConfig) -> list[tuple[str, torch.nn.Par
                                   target_modules=backbone.lora_target_modules))
     else:
         tr.requires_grad_(True)
+    # the trained weights (and so AdamW's state and the EMA) in float32 even when the model loads in bf16:
+    # a 1e-5 step on a bf16 weight mostly rounds to nothing; bf16 compute comes from autocast
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(tr, torch.float32)
     return [(n, p) for n, p in tr.named_parameters() if p.requires_grad]
 
 
@@ -56,8 +61,10 @@ def train(cfg: TrainConfig, backbone, prompts: list[str], run_dir: str | Path, c
     method.check(cfg.rollout_steps)
     if not prompts:
         raise ValueError("train() needs a non-empty prompt list")
-    reward = get_reward(cfg.reward, **(reward_kwargs or {}))
-    heldout = {n: get_reward(n, **(reward_kwargs or {})) for n in cfg.heldout_rewards}
+    # reward models live where the images are decoded
+    reward_kwargs = {"device": getattr(backbone, "device", torch.device("cpu")), **(reward_kwargs or {})}
+    reward = get_reward(cfg.reward, **reward_kwargs)
+    heldout = {n: get_reward(n, **reward_kwargs) for n in cfg.heldout_rewards}
     named = attach_trainable(backbone, cfg)
     if cfg.gradient_checkpointing:
         backbone.transformer.enable_gradient_checkpointing()
