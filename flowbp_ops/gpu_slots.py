@@ -27,7 +27,11 @@ def gpu_slot(n_gpus: int, lock_dir: str | Path, poll_s: float = 1.0, timeout_s: 
     t0 = time.monotonic()
     while True:
         for i in range(n_gpus):
-            fd = os.open(lock_dir / f"gpu-{i}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            fd = os.open(lock_dir / f"gpu-{i}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+            try:
+                os.fchmod(fd, 0o666)  # every user's ops share the locks (the umask would narrow them)
+            except PermissionError:  # another user's file: already shared
+                pass
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

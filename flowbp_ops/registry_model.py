@@ -26,7 +26,7 @@ class FlowbpImageModel(mlflow.pyfunc.PythonModel):
         # the default model ships its weights; a real backbone only its pin (hub id + commit, or path)
         kind = json.loads((base / RECORD).read_text())["backbone"] if (base / RECORD).exists() else "default"
         device = "cuda" if kind != "default" and torch.cuda.is_available() else "cpu"
-        self.backbone = load_backbone(kind, base, device=device)
+        self.backbone = load_backbone(kind, base, device=device, disk_cache=False)
         load_trained(self.backbone, context.artifacts["adapter"])  # a LoRA, or a fully fine-tuned transformer
 
     def predict(self, context, model_input, params: dict | None = None):

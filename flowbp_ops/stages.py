@@ -194,7 +194,8 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
             tracker.end_run(run_id, "FAILED")
         raise
     if tracker is not None:
-        tracker.log_artifact(run_id, p.variant(method) / "adapter", "adapter")
+        if cfg.finetune == "lora":  # a full fine-tune's transformer goes in once, with the registered model
+            tracker.log_artifact(run_id, p.variant(method) / "adapter", "adapter")
         summary["model_version"] = _register(params, tracker, run_id, p.variant(method) / "adapter",
                                              {"method": method, "run_id": run_id})
         (p.variant(method) / "summary.json").write_text(json.dumps(summary, indent=2))

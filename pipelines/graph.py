@@ -64,6 +64,8 @@ def _outs_of(stage: Stage, item: str | None, params=None) -> list[str]:
     outs = stage.outs
     if stage.name == "base_model" and params is not None and params.base_model.source != "default":
         outs = (f"{W}/backbone.json",)  # a real model is pinned (hub commit / checksum), not built here
+        if params.base_model.source.startswith("s3://"):
+            outs += (f"{W}/base_model",)  # fetched into the world: DVC keeps it (a hub model is in the hub cache)
     paths = list(outs) + list(stage.metrics) + list(stage.plots)
     paths = [p.replace("${item}", item) for p in paths] if item else paths
     return [_relocate(p, params) for p in paths]

@@ -103,9 +103,10 @@ def resolve_base_model(source: str, revision: str | None, kind: str, world_dir: 
 
 
 def load_backbone(kind: str, world_dir: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
-                  resolution: int | None = None, max_sequence_length: int | None = None):
+                  resolution: int | None = None, max_sequence_length: int | None = None, disk_cache: bool = True):
     """The adapter of ``kind``: the default world's model, or the real pipeline the record pins (at the
-    record's settings unless given here)."""
+    record's settings unless given here). ``disk_cache=False``: prompt embeddings in memory only (a served
+    model whose folder may be read-only)."""
     world_dir = Path(world_dir)
     if kind == "default":
         from flowbp_ops.backbones.default import DefaultBackbone
@@ -126,5 +127,6 @@ def load_backbone(kind: str, world_dir: str | Path, device: str | torch.device =
         from flowbp_ops.storage import parse_hub_uri
 
         source, revision = parse_hub_uri(record["source"])[1], record["revision"]
-    return adapter_class(kind)(source, revision=revision, device=device, cache_dir=world_dir / "embeddings" / kind,
+    cache_dir = world_dir / "embeddings" / kind if disk_cache else None
+    return adapter_class(kind)(source, revision=revision, device=device, cache_dir=cache_dir,
                                **settings)
