@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 STAGE_NAMES = ("prompt_sets", "reward_models", "base_model", "cached_rollouts", "trained_variant", "evaluation",
@@ -34,9 +35,24 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
         kwargs["tracker"] = Tracker(params.tracking)
     fn = getattr(stages, args.name)
-    meta = fn(params, args.method, **kwargs) if per_method else fn(params, **kwargs)
+    with _placed(params) as params:
+        meta = fn(params, args.method, **kwargs) if per_method else fn(params, **kwargs)
     print(json.dumps(meta, indent=2, default=str))
     return 0
+
+
+@contextmanager
+def _placed(params):
+    """``device: cuda:auto`` (several `flowbp stage` processes on one multi-GPU node): a free GPU each."""
+    if params.device != "cuda:auto":
+        yield params
+        return
+    import torch
+
+    from flowbp_ops.gpu_slots import gpu_slot
+
+    with gpu_slot(torch.cuda.device_count(), "/tmp/flowbp-gpu-locks") as i:
+        yield params.model_copy(update={"device": f"cuda:{i}"})
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:

@@ -313,3 +313,14 @@ def test_gpu_slots_give_each_concurrent_op_its_own_gpu(tmp_path):
     with pytest.raises(RuntimeError, match="no GPU"):
         with gpu_slot(0, tmp_path):
             pass
+    # `flowbp stage` with device: cuda:auto takes a GPU the same way (none here: a clear error)
+    import torch
+
+    from flowbp_ops.cli_pipeline import _placed
+
+    with _placed(Params(device="cpu")) as p:
+        assert p.device == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no GPU"):
+            with _placed(Params(device="cuda:auto")):
+                pass
