@@ -40,6 +40,10 @@ class Paths:
     def variant(self, method: str) -> Path:
         return self.data / "variants" / method
 
+    def run(self, method: str) -> Path:
+        """A training run's checkpoints and per-step metrics: kept when the run fails, so it resumes."""
+        return self.data / "runs" / method
+
     def evaluation(self, method: str) -> Path:
         return self.data / "eval" / method
 
@@ -167,12 +171,19 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
         tags["rollouts.dvc_md5"] = dvc_hash(str(p.rollouts))
         run_id = tracker.start_run(method, tags, params={"train": cfg.model_dump(mode="json"),
                                                          "world": params.world.model_dump()})
-    rows: list[dict] = []
+    run, resumed_from = p.run(method), _resume_point(p.run(method), cfg, _base_pin(params))
+    rows = _metric_rows(run, resumed_from)
+    if tracker is not None:  # a resumed run's earlier steps, so the MLflow run holds the whole curve
+        for row in rows:
+            tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "step"}, row["step"])
+    metrics_file = (run / "metrics.jsonl").open("a")
 
     class Log:
         def on_step(self, step, m):
             row = {"step": step, **{k: v for k, v in m.items() if isinstance(v, (int, float))}}
             rows.append(row)
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
             if tracker is not None:
                 tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "step"}, step)
             if progress:
@@ -181,18 +192,21 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
     t0 = time.perf_counter()
     try:
         with atomic_path(p.variant(method)) as tmp:
-            result = train(cfg, backbone, prompts, tmp / "checkpoints", callbacks=[Log()],
+            result = train(cfg, backbone, prompts, run, callbacks=[Log()], resume=resumed_from is not None,
                            reward_kwargs={"world_dir": params.world_dir})
             save_trained(backbone, cfg.finetune, tmp / "adapter")  # LoRA file, or the whole transformer
             (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             summary = {"method": method, "run_id": run_id, "steps": cfg.steps, "skipped": result["skipped"],
-                       "seconds": time.perf_counter() - t0, "final": result["last"],
+                       "seconds": time.perf_counter() - t0, "final": result["last"] or (rows[-1] if rows else {}),
+                       "resumed_from": resumed_from,
                        "adapter_sha256": sha256_of(tmp / "adapter"), "config": cfg.model_dump(mode="json")}
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     except BaseException:
         if tracker is not None:
             tracker.end_run(run_id, "FAILED")
         raise
+    finally:
+        metrics_file.close()
     if tracker is not None:
         if cfg.finetune == "lora":  # a full fine-tune's transformer goes in once, with the registered model
             tracker.log_artifact(run_id, p.variant(method) / "adapter", "adapter")
@@ -201,6 +215,39 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
         (p.variant(method) / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.end_run(run_id)
     return summary
+
+
+def _base_pin(params: Params) -> str:
+    """What the run trains on: the real model's pin, or the default model's build record."""
+    w = paths(params).world
+    record = w / ("base_model.json" if params.train.backbone == "default" else "backbone.json")
+    return record.read_text() if record.exists() else ""
+
+
+def _resume_point(run: Path, cfg, base: str) -> int | None:
+    """The step to resume ``run`` from, if its last checkpoint was written by this config on this base model;
+    otherwise the old run is cleared and training starts over (``None``)."""
+    from flowbp_ops.atomic import remove
+    from flowbp_ops.training.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(run)
+    if ckpts and (run / "base.json").exists() and (run / "base.json").read_text() == base:
+        meta = json.loads((ckpts[-1] / "meta.json").read_text())
+        if meta["config"] == cfg.model_dump(mode="json"):
+            return int(meta["step"])
+    remove(run)
+    run.mkdir(parents=True)
+    (run / "base.json").write_text(base)
+    return None
+
+
+def _metric_rows(run: Path, resumed_from: int | None) -> list[dict]:
+    """Per-step rows a resumed run already logged (up to its checkpoint); the file keeps only those."""
+    file = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in file.read_text().splitlines()] if resumed_from and file.exists() else []
+    rows = [r for r in rows if r["step"] < (resumed_from or 0)]
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def _register(params: Params, tracker, run_id: str, adapter: Path, tags: dict[str, str]) -> str:

@@ -25,6 +25,7 @@ class Stage:
     plots: dict = field(default_factory=dict)
     per_method: bool = False
     gpu: bool = False
+    persist: tuple[str, ...] = ()  # outs DVC keeps when the stage reruns (a failed training run resumes)
 
 
 W = "data/world"
@@ -43,7 +44,7 @@ STAGES: tuple[Stage, ...] = (
           deps=("prompt_sets", "base_model"), params=("rollouts",), outs=("data/rollouts",), gpu=True),
     Stage("trained_variant", "One method trained (LoRA adapter, EMA weights), one MLflow run, a model version",
           deps=("prompt_sets", "reward_models", "base_model", "cached_rollouts"), params=("train",),
-          outs=("data/variants/${item}/adapter", "data/variants/${item}/checkpoints"),
+          outs=("data/variants/${item}/adapter", "data/runs/${item}"), persist=("data/runs/${item}",),
           metrics=("data/variants/${item}/summary.json",),
           plots={"data/variants/${item}/metrics.jsonl": {"x": "step", "y": "reward"}}, per_method=True, gpu=True),
     Stage("evaluation", "Held-out rewards, attribute accuracy, diversity and sample grid vs the base model",
@@ -106,7 +107,8 @@ def dvc_yaml(params=None) -> str:
             body["deps"] = sorted(set(deps))
         body["params"] = list(s.params)
         if outs:
-            body["outs"] = outs
+            persist = {_relocate(o, params) for o in s.persist}
+            body["outs"] = [{o: {"persist": True}} if o in persist else o for o in outs]
         if metrics:
             body["metrics"] = [{m: {"cache": False}} for m in metrics]
         if plots:

@@ -324,3 +324,19 @@ def test_gpu_slots_give_each_concurrent_op_its_own_gpu(tmp_path):
         with pytest.raises(RuntimeError, match="no GPU"):
             with _placed(Params(device="cuda:auto")):
                 pass
+
+
+def test_a_training_run_resumes_from_its_checkpoints_and_restarts_on_a_new_config(chain):
+    """Checkpoints live in data/runs/<method> (a persistent DVC out), outside the atomically written
+    variant: a rerun with the same config and base model resumes; another config starts over."""
+    from flowbp_ops import stages
+
+    root, params, _ = chain
+    first = json.loads((root / "data" / "variants" / "refl" / "summary.json").read_text())
+    assert first["resumed_from"] is None
+    again = stages.trained_variant(params, "refl")  # the run had finished: it resumes at its last step
+    assert again["resumed_from"] == params.train.steps and again["adapter_sha256"] == first["adapter_sha256"]
+    rows = (root / "data" / "variants" / "refl" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == params.train.steps  # the curve is whole, not just the resumed part
+    changed = params.model_copy(update={"train": params.train.model_copy(update={"lr": params.train.lr * 2})})
+    assert stages.trained_variant(changed, "refl")["resumed_from"] is None
