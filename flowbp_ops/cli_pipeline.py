@@ -44,15 +44,10 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 @contextmanager
 def _placed(params):
     """``device: cuda:auto`` (several `flowbp stage` processes on one multi-GPU node): a free GPU each."""
-    if params.device != "cuda:auto":
-        yield params
-        return
-    import torch
+    from flowbp_ops.gpu_slots import placed
 
-    from flowbp_ops.gpu_slots import gpu_slot
-
-    with gpu_slot(torch.cuda.device_count(), "/tmp/flowbp-gpu-locks") as i:
-        yield params.model_copy(update={"device": f"cuda:{i}"})
+    with placed(params.device) as device:
+        yield params if device == params.device else params.model_copy(update={"device": device})
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:

@@ -17,6 +17,21 @@ from pathlib import Path
 from typing import Iterator
 
 
+LOCK_DIR = "/tmp/flowbp-gpu-locks"
+
+
+@contextmanager
+def placed(device: str, lock_dir: str | Path = LOCK_DIR) -> Iterator[str]:
+    """``device`` as given, or for ``cuda:auto`` a GPU of this node no other op holds, for the block's length."""
+    if device != "cuda:auto":
+        yield device
+        return
+    import torch
+
+    with gpu_slot(torch.cuda.device_count(), lock_dir) as i:
+        yield f"cuda:{i}"
+
+
 @contextmanager
 def gpu_slot(n_gpus: int, lock_dir: str | Path, poll_s: float = 1.0, timeout_s: float | None = None) -> Iterator[int]:
     """The index of a GPU no other op of this node holds, reserved until the block ends."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contextlib import contextmanager
-from typing import Iterator
 
 import dagster as dg
 
@@ -71,7 +69,7 @@ class ComputeResource(dg.ConfigurableResource):
 
     device: str | None = None
     precision: str | None = None
-    lock_dir: str = "/tmp/flowbp-gpu-locks"
+    lock_dir: str = "/tmp/flowbp-gpu-locks"  # flowbp_ops.gpu_slots.LOCK_DIR, shared with `flowbp stage`
 
     def resolve(self, params) -> tuple[str, str]:
         import torch
@@ -84,15 +82,8 @@ class ComputeResource(dg.ConfigurableResource):
             raise ValueError(f"precision={precision!r}: choose fp32 or bf16")
         return device, precision
 
-    @contextmanager
-    def placed(self, device: str) -> Iterator[str]:
+    def placed(self, device: str):
         """The device a GPU op runs on, held for the op (``cuda:auto``: a free GPU of this node)."""
-        if device != "cuda:auto":
-            yield device
-            return
-        import torch
+        from flowbp_ops.gpu_slots import placed
 
-        from flowbp_ops.gpu_slots import gpu_slot
-
-        with gpu_slot(torch.cuda.device_count(), self.lock_dir) as i:
-            yield f"cuda:{i}"
+        return placed(device, self.lock_dir)

@@ -10,15 +10,13 @@ Prompts: CLIP-L pooled vector + T5-XXL token states, cached like SD3.5's.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flowbp_ops.backbones.embedding_cache import EmbeddingCache
+from flowbp_ops.backbones.pipeline import PipelineBackbone
 from flowbp_ops.backbones.schedules import get_schedule
-from flowbp_ops.backbones.sd35 import resolve_dtype
 from flowbp_ops.surrogate.rollout import Denoiser
 
 FLUX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -40,26 +38,14 @@ class FluxVelocity:
                   txt_ids=cond["txt_ids"][0], guidance=guidance, return_dict=False)[0]
 
 
-class Flux1Backbone:
+class Flux1Backbone(PipelineBackbone):
     name = "flux1"
     lora_target_modules = FLUX_LORA_TARGETS
     pipeline_class = "FluxPipeline"
+    default_max_sequence_length = 512
 
-    def __init__(self, source: str | Path, revision: str | None = None, dtype: str | torch.dtype = "bf16",
-                 device: str | torch.device = "cpu", resolution: int = 512, cache_dir: str | Path | None = None,
-                 max_sequence_length: int = 512):
-        from diffusers import FluxPipeline
-
-        self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
-        self.pipe = FluxPipeline.from_pretrained(str(source), revision=revision, dtype=self.dtype,
-                                                 use_safetensors=True)
-        self.pipe.to(self.device)
-        self.pipe.vae.to(torch.float32)
-        for module in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
-            module.requires_grad_(False)
-        self.transformer = self.pipe.transformer
-        self.resolution, self.max_sequence_length = resolution, max_sequence_length
-        self.cache = EmbeddingCache(cache_dir, key=f"flux1|{source}|{revision}|{self.dtype}|{max_sequence_length}")
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         side = self._latent_side()
         self.img_ids = self.pipe._prepare_latent_image_ids(1, side // 2, side // 2, self.device, self.dtype)
 
@@ -70,9 +56,6 @@ class Flux1Backbone:
         tokens, pooled, txt_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
                                                           max_sequence_length=self.max_sequence_length)
         return {"tokens": tokens, "pooled": pooled, "txt_ids": txt_ids.expand(len(prompts), *txt_ids.shape)}
-
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        return {k: v.to(self.device) for k, v in self.cache.get(prompts, self._encode).items()}
 
     def conditioning(self, prompts: list[str], guidance: float | None):
         return self.encode_prompts(prompts)  # guidance is embedded, not a second (CFG) branch

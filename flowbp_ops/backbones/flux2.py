@@ -13,17 +13,15 @@ the pipeline's batch-norm whitening and patchify, then runs the VAE in float32.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flowbp_ops.backbones.embedding_cache import EmbeddingCache
+from flowbp_ops.backbones.pipeline import PipelineBackbone
 from flowbp_ops.backbones.flux1 import FLUX_LORA_TARGETS
 from flowbp_ops.backbones.schedules import get_schedule
-from flowbp_ops.backbones.sd35 import resolve_dtype
-from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
+from flowbp_ops.surrogate.rollout import Denoiser
 
 # double-stream attention as FLUX.1, plus the single-stream blocks' fused input projection and their output
 # projection (a plain Linear named `attn.to_out` there, a ModuleList in the double-stream blocks): peft takes
@@ -45,32 +43,22 @@ class Flux2Velocity:
                   img_ids=self.img_ids.expand(x.shape[0], -1, -1), return_dict=False)[0]
 
 
-class Flux2Backbone:
+class Flux2Backbone(PipelineBackbone):
     name = "flux2"
     lora_target_modules = FLUX2_LORA_TARGETS
     pipeline_class = "Flux2KleinPipeline"
+    default_max_sequence_length = 512
 
-    def __init__(self, source: str | Path, revision: str | None = None, dtype: str | torch.dtype = "bf16",
-                 device: str | torch.device = "cpu", resolution: int = 512, cache_dir: str | Path | None = None,
-                 max_sequence_length: int = 512):
-        from diffusers import Flux2KleinPipeline
-
-        self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
-        self.pipe = Flux2KleinPipeline.from_pretrained(str(source), revision=revision, dtype=self.dtype,
-                                                       use_safetensors=True)
-        if self.pipe.config.is_distilled:
-            raise ValueError(f"{source} is a step-distilled Klein (no CFG): fine-tune the *base* model, "
-                             "e.g. black-forest-labs/FLUX.2-klein-base-9B")
-        self.pipe.to(self.device)
-        self.pipe.vae.to(torch.float32)
-        for module in (self.pipe.vae, self.pipe.text_encoder):
-            module.requires_grad_(False)
-        self.transformer = self.pipe.transformer
-        self.resolution, self.max_sequence_length = resolution, max_sequence_length
-        self.cache = EmbeddingCache(cache_dir, key=f"flux2|{source}|{revision}|{self.dtype}|{max_sequence_length}")
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         side = self._latent_side()
         probe = torch.zeros(1, 1, side // 2, side // 2)
         self.img_ids = self.pipe._prepare_latent_ids(probe).to(self.device)
+
+    def check(self, source) -> None:
+        if self.pipe.config.is_distilled:
+            raise ValueError(f"{source} is a step-distilled Klein (no CFG): fine-tune the *base* model, "
+                             "e.g. black-forest-labs/FLUX.2-klein-base-9B")
 
     def _latent_side(self) -> int:
         return 2 * (self.resolution // (self.pipe.vae_scale_factor * 2))
@@ -79,16 +67,6 @@ class Flux2Backbone:
         tokens, txt_ids = self.pipe.encode_prompt(prompt=prompts, device=self.device,
                                                   max_sequence_length=self.max_sequence_length)
         return {"tokens": tokens, "txt_ids": txt_ids}
-
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        return {k: v.to(self.device) for k, v in self.cache.get(prompts, self._encode).items()}
-
-    def conditioning(self, prompts: list[str], guidance: float | None):
-        pos = self.encode_prompts(prompts)
-        if guidance is None:
-            return pos
-        neg = self.encode_prompts([""])
-        return CFGCond(pos, {k: v.expand(len(prompts), *v.shape[1:]) for k, v in neg.items()})
 
     def denoiser(self, guidance: float | None) -> Denoiser:
         return Denoiser(Flux2Velocity(self.transformer, self.img_ids), cfg_scale=guidance)

@@ -9,65 +9,27 @@ and dtype; real CFG uses the empty prompt as negative; the VAE decodes in float3
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flowbp_ops.backbones.embedding_cache import EmbeddingCache
+from flowbp_ops.backbones.pipeline import PipelineBackbone
 from flowbp_ops.backbones.schedules import get_schedule
 from flowbp_ops.backbones.sd3 import SD3_LORA_TARGETS, SD3Velocity
-from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
+from flowbp_ops.surrogate.rollout import Denoiser
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-class SD35Backbone:
+class SD35Backbone(PipelineBackbone):
     name = "sd35"
     lora_target_modules = SD3_LORA_TARGETS
     pipeline_class = "StableDiffusion3Pipeline"
-
-    def __init__(self, source: str | Path, revision: str | None = None, dtype: str | torch.dtype = "bf16",
-                 device: str | torch.device = "cpu", resolution: int = 512, cache_dir: str | Path | None = None,
-                 max_sequence_length: int = 256):
-        from diffusers import StableDiffusion3Pipeline
-
-        self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
-        self.pipe = StableDiffusion3Pipeline.from_pretrained(str(source), revision=revision, dtype=self.dtype,
-                                                             use_safetensors=True)
-        self.pipe.to(self.device)
-        self.pipe.vae.to(torch.float32)  # decode in float32: bf16 decoding bands the images
-        for module in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
-            if module is not None:
-                module.requires_grad_(False)
-        self.transformer = self.pipe.transformer
-        self.resolution, self.max_sequence_length = resolution, max_sequence_length
-        self.cache = EmbeddingCache(cache_dir, key=f"sd35|{source}|{revision}|{self.dtype}|{max_sequence_length}")
+    default_max_sequence_length = 256
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         tokens, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length)
         return {"tokens": tokens, "pooled": pooled}
-
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        return {k: v.to(self.device) for k, v in self.cache.get(prompts, self._encode).items()}
-
-    def conditioning(self, prompts: list[str], guidance: float | None):
-        pos = self.encode_prompts(prompts)
-        if guidance is None:
-            return pos
-        neg = self.encode_prompts([""])
-        return CFGCond(pos, {k: v.expand(len(prompts), *v.shape[1:]) for k, v in neg.items()})
 
     def denoiser(self, guidance: float | None) -> Denoiser:
         return Denoiser(SD3Velocity(self.transformer), cfg_scale=guidance)

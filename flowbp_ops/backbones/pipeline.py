@@ -1,0 +1,70 @@
+"""What the real backbone adapters share: a diffusers pipeline loaded for training, cached prompts, real CFG.
+
+The pipeline comes from ``from_pretrained`` (a hub id with a pinned revision, or a local
+folder) in the chosen dtype and device; the VAE is put back in float32 (bf16 decoding bands
+the images) and every module but the transformer is frozen. Prompt embeddings are cached per
+prompt, keyed by backbone, source, revision, dtype and text length. Real CFG uses the empty
+prompt as negative; FLUX.1 (embedded guidance) overrides ``conditioning``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flowbp_ops.backbones.embedding_cache import EmbeddingCache
+from flowbp_ops.surrogate.rollout import CFGCond
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class PipelineBackbone:
+    name: str
+    pipeline_class: str  # the diffusers class, also the format the saved LoRA is written in
+    default_max_sequence_length: int
+
+    def __init__(self, source: str | Path, revision: str | None = None, dtype: str | torch.dtype = "bf16",
+                 device: str | torch.device = "cpu", resolution: int = 512, cache_dir: str | Path | None = None,
+                 max_sequence_length: int | None = None):
+        import diffusers
+
+        self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
+        self.pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
+            str(source), revision=revision, dtype=self.dtype, use_safetensors=True)
+        self.check(source)
+        self.pipe.to(self.device)
+        self.pipe.vae.to(torch.float32)
+        for part, module in self.pipe.components.items():
+            if isinstance(module, torch.nn.Module) and part != "transformer":
+                module.requires_grad_(False)
+        self.transformer = self.pipe.transformer
+        self.resolution = resolution
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.cache = EmbeddingCache(cache_dir, key=f"{self.name}|{source}|{revision}|{self.dtype}|"
+                                                   f"{self.max_sequence_length}")
+
+    def check(self, source: str | Path) -> None:
+        """Refuse a loaded pipeline this adapter cannot train (before it is moved to the device)."""
+
+    def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        return {k: v.to(self.device) for k, v in self.cache.get(prompts, self._encode).items()}
+
+    def conditioning(self, prompts: list[str], guidance: float | None):
+        pos = self.encode_prompts(prompts)
+        if guidance is None:
+            return pos
+        neg = self.encode_prompts([""])
+        return CFGCond(pos, {k: v.expand(len(prompts), *v.shape[1:]) for k, v in neg.items()})
