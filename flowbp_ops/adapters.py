@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from flowbp_ops.atomic import atomic_path
+from flowbp_ops.storage import canonical_header
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -30,7 +31,9 @@ def save_lora(transformer: torch.nn.Module, out_dir: str | Path, adapter_name: s
     with atomic_path(out_dir) as tmp:
         getattr(diffusers, pipeline_class).save_lora_weights(tmp, transformer_lora_layers=layers,
                                                              transformer_lora_adapter_metadata=meta)
+        canonical_header(tmp / WEIGHT_NAME)
     return Path(out_dir) / WEIGHT_NAME
+
 
 
 def load_lora(transformer: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = "flowbp") -> None:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from flowbp_ops.atomic import atomic_path
 from flowbp_ops.sampling import initial_noise
-from flowbp_ops.storage import sha256_of
+from flowbp_ops.storage import canonical_header, sha256_of
 from flowbp_ops.surrogate.rollout import CFGCond, RolloutCache, rollout
 
 
@@ -68,6 +68,7 @@ def generate_rollouts(backbone, prompts: list[str], n_steps: int, guidance: floa
             name = f"shard-{k:05d}.safetensors"
             save_file(tensors, str(tmp / name), metadata={
                 "prompts": json.dumps(chunk), "guidance": json.dumps(guidance), "backbone": backbone.name})
+            canonical_header(tmp / name)
             shards.append({"file": name, "n": len(chunk), "sha256": sha256_of(tmp / name)})
         meta = {"n_prompts": len(prompts), "n_steps": n_steps, "guidance": guidance, "seed": seed,
                 "backbone": backbone.name, "shards": shards}

@@ -14,7 +14,9 @@ what it copied, so every stage can record (and later verify) exactly which bytes
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import shutil
 from pathlib import Path
 
@@ -37,6 +39,26 @@ def sha256_of(path: str | Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def canonical_header(path: str | Path) -> None:
+    """Sort the ``__metadata__`` keys of a safetensors file in place, so that the same tensors give the same bytes.
+
+    safetensors serialises ``__metadata__`` from a Rust HashMap, whose order changes from one save to the next;
+    with two keys or more (diffusers' LoRA files, rollout shards) a repeated or resumed run wrote a different
+    file (sha256, DVC hash) for identical tensors. The header is JSON padded with
+    spaces to a fixed length; the reordered JSON has the same length, so the tensor data is not touched."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        if "__metadata__" not in header:
+            return
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # cannot happen for the same content; never truncate a header
+            raise RuntimeError(f"{path}: the reordered safetensors header does not fit ({len(text)} > {n} bytes)")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def s3_client():
