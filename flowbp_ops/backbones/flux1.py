@@ -9,14 +9,10 @@ Prompts: CLIP-L pooled vector + T5-XXL token states, cached like SD3.5's.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-import numpy as np
 import torch
 from torch import Tensor
 
-from flowbp_ops.backbones.pipeline import PipelineBackbone
-from flowbp_ops.backbones.schedules import get_schedule
+from flowbp_ops.backbones.pipeline import PackedPipelineBackbone
 from flowbp_ops.surrogate.rollout import Denoiser
 
 FLUX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -38,7 +34,7 @@ class FluxVelocity:
                   txt_ids=cond["txt_ids"][0], guidance=guidance, return_dict=False)[0]
 
 
-class Flux1Backbone(PipelineBackbone):
+class Flux1Backbone(PackedPipelineBackbone):
     name = "flux1"
     lora_target_modules = FLUX_LORA_TARGETS
     pipeline_class = "FluxPipeline"
@@ -46,11 +42,8 @@ class Flux1Backbone(PipelineBackbone):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        side = self._latent_side()
-        self.img_ids = self.pipe._prepare_latent_image_ids(1, side // 2, side // 2, self.device, self.dtype)
-
-    def _latent_side(self) -> int:
-        return 2 * (self.resolution // (self.pipe.vae_scale_factor * 2))
+        side = self._packed_side()
+        self.img_ids = self.pipe._prepare_latent_image_ids(1, side, side, self.device, self.dtype)
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         tokens, pooled, txt_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
@@ -63,19 +56,10 @@ class Flux1Backbone(PipelineBackbone):
     def denoiser(self, guidance: float | None) -> Denoiser:
         return Denoiser(FluxVelocity(self.transformer, self.img_ids, guidance), cfg_scale=None)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        # float32 even inside training's bf16 autocast: bf16 decoding bands the images
-        with torch.autocast(latents.device.type, enabled=False):
-            vae, px = self.pipe.vae, self._latent_side() * self.pipe.vae_scale_factor
-            z = self.pipe._unpack_latents(latents.float(), px, px, self.pipe.vae_scale_factor)
-            z = z / vae.config.scaling_factor + vae.config.shift_factor
-            return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+    def _vae_latents(self, latents: Tensor) -> Tensor:
+        vae, px = self.pipe.vae, 2 * self._packed_side() * self.pipe.vae_scale_factor
+        z = self.pipe._unpack_latents(latents, px, px, self.pipe.vae_scale_factor)
+        return z / vae.config.scaling_factor + vae.config.shift_factor
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
-        side = self._latent_side()
-        return (batch, (side // 2) ** 2, self.transformer.config.in_channels)
-
-    def sigmas(self, n_steps: int) -> np.ndarray:
-        # the pipeline's shift depends on the packed sequence length: this VAE's factor x the 2x2 packing
-        schedule = replace(get_schedule("flux1"), latent_downsample=2 * self.pipe.vae_scale_factor)
-        return schedule.sigmas(n_steps, self.resolution)
+        return (batch, self._packed_side() ** 2, self.transformer.config.in_channels)

@@ -12,15 +12,11 @@ the pipeline's batch-norm whitening and patchify, then runs the VAE in float32.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-import numpy as np
 import torch
 from torch import Tensor
 
-from flowbp_ops.backbones.pipeline import PipelineBackbone
 from flowbp_ops.backbones.flux1 import FLUX_LORA_TARGETS
-from flowbp_ops.backbones.schedules import get_schedule
+from flowbp_ops.backbones.pipeline import PackedPipelineBackbone
 from flowbp_ops.surrogate.rollout import Denoiser
 
 # double-stream attention as FLUX.1, plus the single-stream blocks' fused input projection and their output
@@ -43,7 +39,7 @@ class Flux2Velocity:
                   img_ids=self.img_ids.expand(x.shape[0], -1, -1), return_dict=False)[0]
 
 
-class Flux2Backbone(PipelineBackbone):
+class Flux2Backbone(PackedPipelineBackbone):
     name = "flux2"
     lora_target_modules = FLUX2_LORA_TARGETS
     pipeline_class = "Flux2KleinPipeline"
@@ -51,17 +47,14 @@ class Flux2Backbone(PipelineBackbone):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        side = self._latent_side()
-        probe = torch.zeros(1, 1, side // 2, side // 2)
+        side = self._packed_side()
+        probe = torch.zeros(1, 1, side, side)
         self.img_ids = self.pipe._prepare_latent_ids(probe).to(self.device)
 
     def check(self, source) -> None:
         if self.pipe.config.is_distilled:
             raise ValueError(f"{source} is a step-distilled Klein (no CFG): fine-tune the *base* model, "
                              "e.g. black-forest-labs/FLUX.2-klein-base-9B")
-
-    def _latent_side(self) -> int:
-        return 2 * (self.resolution // (self.pipe.vae_scale_factor * 2))
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         tokens, txt_ids = self.pipe.encode_prompt(prompt=prompts, device=self.device,
@@ -71,21 +64,12 @@ class Flux2Backbone(PipelineBackbone):
     def denoiser(self, guidance: float | None) -> Denoiser:
         return Denoiser(Flux2Velocity(self.transformer, self.img_ids), cfg_scale=guidance)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        # float32 even inside training's bf16 autocast: bf16 decoding bands the images
-        with torch.autocast(latents.device.type, enabled=False):
-            pipe, vae, side = self.pipe, self.pipe.vae, self._latent_side() // 2
-            z = pipe._unpack_latents_with_ids(latents.float(), self.img_ids.expand(latents.shape[0], -1, -1), side, side)
-            mean = vae.bn.running_mean.view(1, -1, 1, 1)
-            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
-            z = pipe._unpatchify_latents(z * std + mean)
-            return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+    def _vae_latents(self, latents: Tensor) -> Tensor:
+        pipe, vae, side = self.pipe, self.pipe.vae, self._packed_side()
+        z = pipe._unpack_latents_with_ids(latents, self.img_ids.expand(latents.shape[0], -1, -1), side, side)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1)  # undo the pipeline's batch-norm whitening, then the patchify
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        return pipe._unpatchify_latents(z * std + mean)
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
-        side = self._latent_side() // 2
-        return (batch, side * side, self.transformer.config.in_channels)
-
-    def sigmas(self, n_steps: int) -> np.ndarray:
-        # the pipeline's shift depends on the packed sequence length: this VAE's factor x the 2x2 packing
-        schedule = replace(get_schedule("flux2"), latent_downsample=2 * self.pipe.vae_scale_factor)
-        return schedule.sigmas(n_steps, self.resolution)
+        return (batch, self._packed_side() ** 2, self.transformer.config.in_channels)

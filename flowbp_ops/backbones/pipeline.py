@@ -4,17 +4,21 @@ The pipeline comes from ``from_pretrained`` (a hub id with a pinned revision, or
 folder) in the chosen dtype and device; the VAE is put back in float32 (bf16 decoding bands
 the images) and every module but the transformer is frozen. Prompt embeddings are cached per
 prompt, keyed by backbone, source, revision, dtype and text length. Real CFG uses the empty
-prompt as negative; FLUX.1 (embedded guidance) overrides ``conditioning``.
+prompt as negative; FLUX.1 (embedded guidance) overrides ``conditioning``. Images decode in
+float32 to [0, 1]; each adapter says how its latents become the VAE's (``_vae_latents``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from flowbp_ops.backbones.embedding_cache import EmbeddingCache
+from flowbp_ops.backbones.schedules import get_schedule
 from flowbp_ops.surrogate.rollout import CFGCond
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,3 +72,27 @@ class PipelineBackbone:
             return pos
         neg = self.encode_prompts([""])
         return CFGCond(pos, {k: v.expand(len(prompts), *v.shape[1:]) for k, v in neg.items()})
+
+    def _vae_latents(self, latents: Tensor) -> Tensor:
+        """The engine's latents (float32) as the VAE's decoder reads them."""
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        # float32 even inside training's bf16 autocast: bf16 decoding bands the images
+        with torch.autocast(latents.device.type, enabled=False):
+            return ((self.pipe.vae.decode(self._vae_latents(latents.float())).sample + 1) / 2).clamp(0, 1)
+
+    def sigmas(self, n_steps: int) -> np.ndarray:
+        return get_schedule(self.name).sigmas(n_steps, self.resolution)
+
+
+class PackedPipelineBackbone(PipelineBackbone):
+    """FLUX.1 and FLUX.2: the latent is packed 2x2 into a token sequence, whose length sets the time shift."""
+
+    def _packed_side(self) -> int:
+        return self.resolution // (self.pipe.vae_scale_factor * 2)
+
+    def sigmas(self, n_steps: int) -> np.ndarray:
+        # the pipeline's shift depends on the packed sequence length: this VAE's factor x the 2x2 packing
+        schedule = replace(get_schedule(self.name), latent_downsample=2 * self.pipe.vae_scale_factor)
+        return schedule.sigmas(n_steps, self.resolution)

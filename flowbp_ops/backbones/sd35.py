@@ -9,15 +9,12 @@ and dtype; real CFG uses the empty prompt as negative; the VAE decodes in float3
 
 from __future__ import annotations
 
-
-import numpy as np
-import torch
 from torch import Tensor
 
 from flowbp_ops.backbones.pipeline import PipelineBackbone
-from flowbp_ops.backbones.schedules import get_schedule
 from flowbp_ops.backbones.sd3 import SD3_LORA_TARGETS, SD3Velocity
 from flowbp_ops.surrogate.rollout import Denoiser
+
 
 class SD35Backbone(PipelineBackbone):
     name = "sd35"
@@ -34,17 +31,11 @@ class SD35Backbone(PipelineBackbone):
     def denoiser(self, guidance: float | None) -> Denoiser:
         return Denoiser(SD3Velocity(self.transformer), cfg_scale=guidance)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        # float32 even inside training's bf16 autocast: bf16 decoding bands the images
-        with torch.autocast(latents.device.type, enabled=False):
-            vae = self.pipe.vae
-            z = latents.float() / vae.config.scaling_factor + vae.config.shift_factor
-            return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+    def _vae_latents(self, latents: Tensor) -> Tensor:
+        vae = self.pipe.vae
+        return latents / vae.config.scaling_factor + vae.config.shift_factor
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         side = self.resolution // factor
         return (batch, self.transformer.config.in_channels, side, side)
-
-    def sigmas(self, n_steps: int) -> np.ndarray:
-        return get_schedule("sd35").sigmas(n_steps, self.resolution)
