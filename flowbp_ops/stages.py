@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-
 from flowbp_ops.atomic import atomic_path
 from flowbp_ops.params import Params
 from flowbp_ops.surrogate.config import ConfigError
@@ -283,7 +282,7 @@ def _rollouts_sha(p: Paths) -> str:
 
 # -- evaluation: flowbp_ops/evaluation_stage.py --------------------------------------------------
 
-from flowbp_ops.evaluation_stage import evaluation, gates, save_grid  # noqa: E402,F401  (stage functions)
+from flowbp_ops.evaluation_stage import evaluation  # noqa: E402,F401  (a stage: found here by name)
 
 
 # -- comparison and promotion ---------------------------------------------------------------------

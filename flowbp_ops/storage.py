@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import shutil
+import struct
 from pathlib import Path
 
 from flowbp_ops.atomic import atomic_path
@@ -46,8 +46,8 @@ def canonical_header(path: str | Path) -> None:
 
     safetensors serialises ``__metadata__`` from a Rust HashMap, whose order changes from one save to the next;
     with two keys or more (diffusers' LoRA files, rollout shards) a repeated or resumed run wrote a different
-    file (sha256, DVC hash) for identical tensors. The header is JSON padded with
-    spaces to a fixed length; the reordered JSON has the same length, so the tensor data is not touched."""
+    file (sha256, DVC hash) for identical tensors. The header is JSON padded with spaces to a fixed length;
+    the reordered JSON has the same length, so the tensor data is not touched."""
     with open(path, "r+b") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
