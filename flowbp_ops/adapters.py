@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from flowbp_ops.atomic import atomic_path
+from flowbp_ops.integrity import seal, verify
 from flowbp_ops.storage import canonical_header
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -32,6 +33,7 @@ def save_lora(transformer: torch.nn.Module, out_dir: str | Path, adapter_name: s
         getattr(diffusers, pipeline_class).save_lora_weights(tmp, transformer_lora_layers=layers,
                                                              transformer_lora_adapter_metadata=meta)
         canonical_header(tmp / WEIGHT_NAME)
+        seal(tmp)
     return Path(out_dir) / WEIGHT_NAME
 
 
@@ -52,12 +54,15 @@ def save_trained(backbone, finetune: str, out_dir: str | Path) -> Path:
                          pipeline_class=getattr(backbone, "pipeline_class", "StableDiffusion3Pipeline"))
     with atomic_path(out_dir) as tmp:
         backbone.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        seal(tmp)
     return Path(out_dir) / "transformer"
 
 
 def load_trained(backbone, trained_dir: str | Path) -> None:
-    """Put what ``save_trained`` wrote onto ``backbone``: a LoRA adapter, or a fully fine-tuned transformer."""
+    """Put what ``save_trained`` wrote onto ``backbone``: a LoRA adapter, or a fully fine-tuned transformer;
+    its bytes checked against the manifest written with it."""
     path = Path(trained_dir)
+    verify(path, "the trained weights", "retrain the variant (or restore it: scripts/dvc checkout)")
     if (path / WEIGHT_NAME).exists():
         load_lora(backbone.transformer, path)
         return

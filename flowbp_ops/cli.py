@@ -10,7 +10,30 @@ from rich.console import Console
 from rich.table import Table
 
 from flowbp_ops import methods
-from flowbp_ops.surrogate.config import ConfigError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (steps, seeds, batch sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite, non-negative number (guidance scales)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number ≥ 0")
+    return value
 
 
 def _console() -> Console:
@@ -78,6 +101,7 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowbp", description="Direct reward backpropagation for flow-matching models.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (or set FLOWBP_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("methods", help="the methods and their four axes, as a table")
@@ -87,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def method_args(sp: argparse.ArgumentParser, steps: int) -> None:
         sp.add_argument("--method", required=True, help=f"one of {', '.join(methods.METHODS)}")
-        sp.add_argument("--steps", type=int, default=steps, help="rollout steps N")
+        sp.add_argument("--steps", type=positive_int, default=steps, help="rollout steps N")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. active.k=5 or bridge.alpha=0.2 (repeatable)")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
@@ -96,14 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     method_args(pl, 25)
     pl.add_argument("--backbone", default="sd35", help=f"one of {', '.join(methods.BACKBONES)}")
     pl.add_argument("--seed", type=int, default=0)
-    pl.add_argument("--resolution", type=int, default=512, help="image size (sets FLUX's mu)")
+    pl.add_argument("--resolution", type=positive_int, default=512, help="image size (sets FLUX's mu)")
     pl.set_defaults(func=_cmd_plan)
 
     gc = sub.add_parser("gradcheck", help="gradient fidelity against exact backprop on a small random-init DiT")
     method_args(gc, 10)
-    gc.add_argument("--seeds", type=int, default=3)
-    gc.add_argument("--batch", type=int, default=2)
-    gc.add_argument("--cfg-scale", type=float, default=None, help="use real CFG with this scale")
+    gc.add_argument("--seeds", type=positive_int, default=3)
+    gc.add_argument("--batch", type=positive_int, default=2)
+    gc.add_argument("--cfg-scale", type=finite_float, default=None, help="use real CFG with this scale")
     gc.set_defaults(func=_cmd_gradcheck)
 
     from flowbp_ops import cli_pipeline, cli_world
@@ -114,12 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The error boundary: any failure is one line on stderr (the traceback with --debug), exit code 2 for
+    what the user can fix, 1 for a flowbp bug, 130 for Ctrl-C."""
+    import os
+
+    from flowbp_ops.errors import describe
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError, ConnectionError) as exc:
-        print(f"flowbp: error: {exc}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as exc:
+        if args.debug or os.environ.get("FLOWBP_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
+        message, code = describe(exc)
+        print(f"flowbp: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from flowbp_ops.methods import METHODS
     from flowbp_ops.surrogate.config import ConfigError
 
+    if args.method_of_dvc_stage:
+        args.method = _dvc_item(args.name)
     params = _params(args)
     per_method = args.name in ("trained_variant", "evaluation")
     if per_method and args.method not in METHODS:
@@ -35,10 +37,27 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
         kwargs["tracker"] = Tracker(params.tracking)
     fn = getattr(stages, args.name)
-    with _placed(params) as params:
+    from flowbp_ops.locks import stage_lock
+
+    with stage_lock(params.data_dir, args.name, args.method), _placed(params) as params:
         meta = fn(params, args.method, **kwargs) if per_method else fn(params, **kwargs)
     print(json.dumps(meta, indent=2, default=str))
     return 0
+
+
+def _dvc_item(stage: str) -> str:
+    """The method of the DVC stage running this command: ``DVC_STAGE`` is ``[dvc.yaml:]trained_variant@<method>``."""
+    import os
+
+    from flowbp_ops.surrogate.config import ConfigError
+
+    address = os.environ.get("DVC_STAGE", "")
+    if not address:
+        raise ConfigError("--method-of-dvc-stage is for dvc.yaml's commands (DVC sets DVC_STAGE): give --method")
+    name, sep, item = address.split("dvc.yaml:", 1)[-1].partition("@")
+    if name != stage or not sep:
+        raise ConfigError(f"DVC_STAGE={address!r} is not a {stage}@<method> stage")
+    return item
 
 
 @contextmanager
@@ -120,6 +139,7 @@ def add_commands(sub) -> None:
     s = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml and the Dagster assets call)")
     s.add_argument("name", choices=STAGE_NAMES)
     s.add_argument("--method", default=None)
+    s.add_argument("--method-of-dvc-stage", action="store_true", help="take the method from DVC_STAGE (dvc.yaml)")
     common(s)
     s.set_defaults(func=_cmd_stage)
 

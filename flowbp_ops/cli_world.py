@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from flowbp_ops.errors import fields
 from flowbp_ops.surrogate.config import ConfigError, parse_override
 
 AXES = ("reward_input.", "active.", "weights.", "bridge.", "trajectory_weight.", "execution.")
@@ -43,7 +44,7 @@ def _cmd_world_build(args: argparse.Namespace) -> int:
     try:
         cfg = WorldConfig(**{**base.model_dump(), **changes})
     except ValidationError as exc:
-        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        raise ConfigError(fields(exc)) from None
     bar, update = _progress()
     with bar:
         meta = build_world(args.out, cfg, update, overwrite=args.overwrite)
@@ -71,9 +72,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from flowbp_ops.adapters import save_trained
     from flowbp_ops.backbones.default import DefaultBackbone
-    from flowbp_ops.methods import METHODS, get_method
+    from flowbp_ops.locks import exclusive
+    from flowbp_ops.methods import METHODS
     from flowbp_ops.training.config import TrainConfig
-    from flowbp_ops.training.loop import train
+    from flowbp_ops.training.loop import Trainer
+    from flowbp_ops.training.run_dir import RunDir
 
     if args.preset:
         cfg, backbone, prompts, world = _preset_run(args)
@@ -89,31 +92,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
         try:
             cfg = TrainConfig(method=args.method, backbone=args.backbone, method_overrides=method_sets, **run_sets)
         except ValidationError as exc:
-            raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+            raise ConfigError(fields(exc)) from None
         world = Path(args.world)
         prompts = load_prompts(world, "train")
         backbone = DefaultBackbone(world)
-    get_method(cfg.method, cfg.backbone, cfg.rollout_steps, cfg.method_overrides).check(cfg.rollout_steps)
     out = Path(args.out or f"runs/{cfg.method}")
-    bar, _ = _progress()
+    with exclusive(out.with_name(out.name + ".lock"), f"training into {out}"):
+        run = RunDir(out)
+        trainer = Trainer(cfg, backbone, prompts, {"world_dir": world})  # everything that can refuse, first
+        if args.resume:
+            point = run.resume_point(cfg.model_dump(mode="json"))
+            if point.checkpoint is None:
+                raise ConfigError(f"cannot resume {out}: {point.reason}; resume with the settings it was started "
+                                  "with, or start over with --overwrite")
+            for note in point.passed_over:
+                print(f"flowbp: warning: {note}; resuming from an older checkpoint", file=sys.stderr)
+            trainer.restore(point.checkpoint)
+        elif run.holds_run() or (out / "adapter").exists():
+            if not args.overwrite:
+                raise FileExistsError(f"{out} already holds a run (checkpoints up to step {run.last_step()}): pass "
+                                      "--resume to continue it, --overwrite to start it over, or another --out")
+            run.start()
+        log = run.metrics_log(trainer.step)
+        bar, _ = _progress()
 
-    class Log:
-        def __init__(self):
-            self.task = bar.add_task(f"train {cfg.method}", total=cfg.steps, info="")
-            self.file = None
+        class Progress:
+            task = bar.add_task(f"train {cfg.method}", total=cfg.steps, completed=trainer.step, info="")
 
-        def on_step(self, step, m):
-            if self.file is None:  # created by the first finished step: a refused run leaves nothing
-                out.mkdir(parents=True, exist_ok=True)
-                self.file = (out / "metrics.jsonl").open("a")
-            self.file.write(json.dumps({"step": step, **m}) + "\n")
-            self.file.flush()
-            bar.update(self.task, completed=step + 1, info=f"reward {m['reward']:.3f} loss {m['loss']:.3f}")
+            def on_step(self, step, m):
+                bar.update(self.task, completed=step + 1, info=f"reward {m['reward']:.3f} loss {m['loss']:.3f}")
 
-    with bar:
-        result = train(cfg, backbone, prompts, out, callbacks=[Log()], resume=args.resume,
-                       reward_kwargs={"world_dir": world})
-    save_trained(backbone, cfg.finetune, out / "adapter")  # LoRA file, or transformer/ under full fine-tuning
+        try:
+            with bar:
+                result = trainer.fit(out, callbacks=[log, Progress()])
+        finally:
+            log.close()
+        save_trained(backbone, cfg.finetune, out / "adapter")  # LoRA file, or transformer/ under full fine-tuning
     print(json.dumps({"run": str(out), **result["last"], "skipped": result["skipped"]}, indent=2))
     return 0
 
@@ -195,6 +209,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
+    from flowbp_ops.cli import finite_float, positive_int
+
     w = sub.add_parser("world", help="the default world").add_subparsers(dest="world_command", required=True)
     b = w.add_parser("build", help="build the default world (data, text encoder, VAE, flow model, rewards)")
     b.add_argument("--out", default="data/world")
@@ -211,21 +227,22 @@ def add_commands(sub) -> None:
     t.add_argument("--out", default=None, help="run directory (default runs/METHOD)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run settings (steps=100, lr=1e-3) or method axes (active.k=5)")
-    t.add_argument("--resume", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest intact checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="start over, replacing the run already in --out")
     t.set_defaults(func=_cmd_train)
 
     for name, fn, hlp in [("sample", _cmd_sample, "generate images"), ("evaluate", _cmd_evaluate, "held-out metrics")]:
         p = sub.add_parser(name, help=hlp)
         p.add_argument("--world", default="data/world")
         p.add_argument("--adapter", default=None, help="a LoRA adapter directory from flowbp train")
-        p.add_argument("--steps", type=int, default=20)
-        p.add_argument("--guidance", type=float, default=4.0)
+        p.add_argument("--steps", type=positive_int, default=20)
+        p.add_argument("--guidance", type=finite_float, default=4.0)
         p.add_argument("--seed", type=int, default=42)
         if name == "sample":
             p.add_argument("--prompt", action="append", default=[])
             p.add_argument("--out", default="samples/sample.png")
         else:
             p.add_argument("--split", default="test", choices=["train", "test"])
-            p.add_argument("--limit", type=int, default=200)
+            p.add_argument("--limit", type=positive_int, default=200)
             p.add_argument("--rewards", nargs="+", default=["align", "align_heldout", "quality", "quality_heldout"])
         p.set_defaults(func=fn)

@@ -59,13 +59,10 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
     from flowbp_ops.rewards.base import get_reward
     from flowbp_ops.rollout_store import load_rollouts
     from flowbp_ops.sampling import generate
-    from flowbp_ops.stages import _backbone, paths
+    from flowbp_ops.stages import _backbone, paths, verified_variant
 
     p, r, e = paths(params), params.rollouts, params.eval
-    summary_file = p.variant(method) / "summary.json"
-    if not summary_file.exists():
-        raise FileNotFoundError(f"{summary_file} not found: train the variant first (trained_variant[{method}])")
-    summary = json.loads(summary_file.read_text())
+    summary = verified_variant(params, method)
     names = dict.fromkeys([params.train.reward, *e.rewards])  # the training reward (maybe a composite) first
     rewards = {n: get_reward(n, world_dir=params.world_dir, device=params.device) for n in names}
     classifier = getattr(rewards.get("align_heldout"), "net", None)

@@ -7,6 +7,7 @@ validates through them. A setting is defined once, here (training: ``TrainConfig
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,22 @@ from flowbp_ops.world.config import WorldConfig
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _uri(what: str):
+    """A field validator: the value is a source URI flowbp can read (scheme, shape, no credentials)."""
+    def check(cls, value):
+        from flowbp_ops.uris import check_source
+
+        if isinstance(value, dict):
+            return {k: check_source(v, f"{what}.{k}") for k, v in value.items()}
+        return value if value in (None, "", "default") else check_source(value, what)
+
+    return field_validator(what.split(".")[-1])(classmethod(check))
+
+
+DEVICE = re.compile(r"^(cpu|mps|cuda|cuda:\d+|cuda:auto)$")
 
 
 class PromptParams(_Section):
@@ -28,6 +44,9 @@ class PromptParams(_Section):
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     eval_source: str | None = Field(None, description="a separate held-out prompt file (then no random split)")
     seed: int = 0
+
+    _source = _uri("prompts.source")
+    _eval_source = _uri("prompts.eval_source")
 
 
 class RewardParams(_Section):
@@ -39,6 +58,18 @@ class RewardParams(_Section):
     tokenizers: dict[str, str] = Field(default_factory=dict, description="per reward published as a .pt checkpoint "
                                        "(hpsv2, imagereward): a tokenizer folder URI to convert it with")
 
+    _source = _uri("rewards.source")
+    _models = _uri("rewards.models")
+    _tokenizers = _uri("rewards.tokenizers")
+
+    @field_validator("models", "checksums", "tokenizers")
+    @classmethod
+    def _reward_names(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in value if not re.fullmatch(r"[A-Za-z0-9_-]+", k)]  # a folder name under rewards/
+        if bad:
+            raise ValueError(f"reward names {bad}: use letters, digits, '_' and '-' only")
+        return value
+
 
 class BaseModelParams(_Section):
     source: str = Field("default", description="default (train the small world model), hf://owner/name[@rev], "
@@ -48,10 +79,12 @@ class BaseModelParams(_Section):
     resolution: int = Field(512, ge=8, description="image side of a real backbone, pixels")
     max_sequence_length: int | None = Field(None, ge=1, description="text tokens (None: the adapter's default)")
 
+    _source = _uri("base_model.source")
+
 
 class RolloutParams(_Section):
     n_steps: int = Field(20, ge=1)
-    guidance: float | None = 4.0
+    guidance: float | None = Field(4.0, ge=0)
     n_prompts: int = Field(200, ge=1, description="held-out prompts rolled out with the base model (the eval set)")
     seed: int = 42
     shard_size: int = Field(50, ge=1)
@@ -67,6 +100,22 @@ class EvalParams(_Section):
                                   "http://127.0.0.1:8000/v1): adds judge/alignment and judge/quality (1-5)")
     judge_model: str = Field("CodeGoat24/UnifiedReward-qwen-7b", description="the model name the judge serves")
 
+    @field_validator("judge_url")
+    @classmethod
+    def _judge_url(cls, value: str | None) -> str | None:
+        from flowbp_ops.uris import check_http_url
+
+        return value if value is None else check_http_url(value, "eval.judge_url")
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards(cls, value: list[str]) -> list[str]:
+        from flowbp_ops.rewards.base import parse_spec
+
+        for name in value:
+            parse_spec(name)
+        return value
+
 
 class PromoteParams(_Section):
     model_name: str = "flowbp-default"
@@ -80,13 +129,29 @@ class PromoteParams(_Section):
 class TrackingParams(_Section):
     tracking_uri: str = Field("sqlite:///mlflow/mlflow.db", description="MLflow store (or http://server:5000)")
     artifact_location: str = Field("mlflow/artifacts", description="artifact root of new experiments (or s3://...)")
-    experiment: str = "flowbp"
+    experiment: str = Field("flowbp", min_length=1)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, value: str) -> str:
+        from flowbp_ops.uris import check_tracking_uri
+
+        return check_tracking_uri(value)
+
+    @field_validator("artifact_location")
+    @classmethod
+    def _artifacts(cls, value: str) -> str:
+        from flowbp_ops.uris import no_credentials
+
+        no_credentials(value, "tracking.artifact_location")
+        return value
 
 
 class Params(_Section):
     world_dir: str = "data/world"
     data_dir: str = "data"
-    device: str = Field("cpu", description="where training and evaluation run (cuda on a GPU executor)")
+    device: str = Field("cpu", description="where training and evaluation run: cpu, cuda, cuda:N, cuda:auto (a free "
+                                           "GPU of this node per process) or mps")
     world: WorldConfig = WorldConfig()
     prompts: PromptParams = PromptParams()
     rewards: RewardParams = RewardParams()
@@ -111,6 +176,47 @@ class Params(_Section):
             raise ValueError("give at least one method")
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not DEVICE.match(value):
+            raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:N, cuda:auto or mps")
+        return value
+
+    @field_validator("world_dir", "data_dir")
+    @classmethod
+    def _folder(cls, value: str) -> str:
+        if not value.strip() or "\0" in value or "://" in value:
+            raise ValueError(f"{value!r}: give a local folder")
+        return value
+
+    @model_validator(mode="after")
+    def _methods_fit_the_run(self) -> "Params":
+        """Every method's axes (with train.method_overrides) on this run's N, and a metric evaluation makes."""
+        for method in dict.fromkeys([*self.methods, self.train.method]):
+            try:
+                self.train_config(method).check_method()
+            except ConfigError as exc:
+                raise ValueError(f"train.method_overrides do not fit method {method} at train.rollout_steps="
+                                 f"{self.train.rollout_steps}: {exc}") from None
+        if self.promote.metric not in self.metrics():
+            raise ValueError(f"promote.metric={self.promote.metric!r} is not a metric the evaluation writes; "
+                             f"choose from {', '.join(self.metrics())}")
+        return self
+
+    def metrics(self) -> list[str]:
+        """The evaluation's per-variant metric names (what promotion can rank by)."""
+        from flowbp_ops.rewards.base import parse_spec
+
+        names = list(dict.fromkeys([self.train.reward, *self.eval.rewards]))
+        out = [f"reward/{n}" for n in names] + ["diversity"]
+        if self.train.backbone == "default":  # the held-out attribute classifier of the default world
+            out += ["acc_all", "acc_digit", "acc_color", "acc_size", "acc_position"]
+        if self.eval.judge_url:
+            out += ["judge/alignment", "judge/quality"]
+        assert all(parse_spec(n) for n in names)
+        return out
+
     @model_validator(mode="after")
     def _backbone_matches_base_model(self) -> "Params":
         default_model, default_backbone = self.base_model.source == "default", self.train.backbone == "default"
@@ -125,14 +231,18 @@ class Params(_Section):
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
-    """Read ``params.yaml`` (missing file: the defaults) and apply ``section.key=value`` overrides."""
+    """Read ``params.yaml`` and apply ``section.key=value`` overrides; everything is validated here, before
+    any stage reads, deletes or writes a file."""
     path = Path(path)
-    data: dict[str, Any] = {}
-    if path.exists():
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found: give an existing file with --params (the repository's "
+                          "params.yaml, or one from `flowbp preset NAME --out FILE`)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (world_dir, train, ...), got {type(data).__name__}")
     return params_from(data, overrides, str(path))
 
 
@@ -146,12 +256,15 @@ def params_from(data: dict[str, Any], overrides: list[str] = (), origin: str = "
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {p} is not a section")
         node[leaf] = value
     try:
         return Params.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                    for e in exc.errors())) from None
+        from flowbp_ops.errors import fields
+
+        raise ConfigError(f"{origin}: {fields(exc)}") from None
 
 
 def dump_params(params: Params) -> str:

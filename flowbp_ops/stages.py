@@ -152,52 +152,57 @@ def cached_rollouts(params: Params) -> dict:
 
 def trained_variant(params: Params, method: str, tracker=None, tags: dict | None = None,
                     progress: Callable | None = None) -> dict:
-    """Train one method; write the adapter, ``metrics.jsonl`` (DVC plots) and ``summary.json``."""
+    """Train one method; write the adapter, ``metrics.jsonl`` (DVC plots) and ``summary.json``.
+
+    A run continues from its newest intact checkpoint when the config and the base model are unchanged,
+    and starts over otherwise; either way only after everything that can refuse has been checked (the
+    settings at load; the base model, prompts, rewards and method here), so a refused run loses nothing."""
     from flowbp_ops.adapters import save_trained
     from flowbp_ops.prompts import load_prompt_set
     from flowbp_ops.storage import sha256_of
-    from flowbp_ops.training.loop import train
+    from flowbp_ops.training.loop import Trainer
+    from flowbp_ops.training.run_dir import RunDir
 
     cfg = params.train_config(method)
     p = paths(params)
-    backbone = _backbone(params)
-    prompts = load_prompt_set(p.prompts, "train")
+    trainer = Trainer(cfg, _backbone(params), load_prompt_set(p.prompts, "train"),
+                      {"world_dir": params.world_dir})
+    run, base = RunDir(p.run(method)), _base_pin(params)
+    point = run.resume_point(cfg.model_dump(mode="json"), base)
+    if point.checkpoint is not None:
+        trainer.restore(point.checkpoint)
+    else:
+        run.start(base)
+    log = run.metrics_log(trainer.step)
     run_id = None
-    tags = {"method": method, "rollouts.sha256": _rollouts_sha(p), **(tags or {})}
     if tracker is not None:
         from flowbp_ops.tracking import dvc_hash
 
-        tags["rollouts.dvc_md5"] = dvc_hash(str(p.rollouts))
+        key = str(p.run(method).resolve())
+        tracker.end_stale_runs(key)  # a killed earlier attempt left its MLflow run RUNNING: mark it KILLED
+        tags = {"method": method, "rollouts.sha256": _rollouts_sha(p), "rollouts.dvc_md5": dvc_hash(str(p.rollouts)),
+                "flowbp.run_dir": key, "flowbp.resume": point.reason, **(tags or {})}
         run_id = tracker.start_run(method, tags, params={"train": cfg.model_dump(mode="json"),
                                                          "world": params.world.model_dump()})
-    run, resumed_from = p.run(method), _resume_point(p.run(method), cfg, _base_pin(params))
-    rows = _metric_rows(run, resumed_from)
-    if tracker is not None:  # a resumed run's earlier steps, so the MLflow run holds the whole curve
-        for row in rows:
+        for row in log.rows:  # a resumed run's earlier steps, so the MLflow run holds the whole curve
             tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "step"}, row["step"])
-    metrics_file = (run / "metrics.jsonl").open("a")
 
-    class Log:
+    class Report:
         def on_step(self, step, m):
-            row = {"step": step, **{k: v for k, v in m.items() if isinstance(v, (int, float))}}
-            rows.append(row)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
             if tracker is not None:
-                tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "step"}, step)
+                tracker.log_metrics(run_id, {k: v for k, v in m.items() if isinstance(v, (int, float))}, step)
             if progress:
                 progress(f"train:{method}", step + 1, cfg.steps, m["loss"])
 
     t0 = time.perf_counter()
     try:
+        result = trainer.fit(run.path, callbacks=[log, Report()])
         with atomic_path(p.variant(method)) as tmp:
-            result = train(cfg, backbone, prompts, run, callbacks=[Log()], resume=resumed_from is not None,
-                           reward_kwargs={"world_dir": params.world_dir})
-            save_trained(backbone, cfg.finetune, tmp / "adapter")  # LoRA file, or the whole transformer
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            save_trained(trainer.backbone, cfg.finetune, tmp / "adapter")  # LoRA file, or the whole transformer
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log.rows))
             summary = {"method": method, "run_id": run_id, "steps": cfg.steps, "skipped": result["skipped"],
-                       "seconds": time.perf_counter() - t0, "final": result["last"] or (rows[-1] if rows else {}),
-                       "resumed_from": resumed_from,
+                       "seconds": time.perf_counter() - t0, "final": result["last"] or (log.rows[-1] if log.rows else {}),
+                       "resumed_from": point.step if point.checkpoint else None, "resume": point.reason,
                        "adapter_sha256": sha256_of(tmp / "adapter"), "config": cfg.model_dump(mode="json")}
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     except BaseException:
@@ -205,14 +210,34 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
             tracker.end_run(run_id, "FAILED")
         raise
     finally:
-        metrics_file.close()
+        log.close()
     if tracker is not None:
         if cfg.finetune == "lora":  # a full fine-tune's transformer goes in once, with the registered model
             tracker.log_artifact(run_id, p.variant(method) / "adapter", "adapter")
         summary["model_version"] = _register(params, tracker, run_id, p.variant(method) / "adapter",
                                              {"method": method, "run_id": run_id})
-        (p.variant(method) / "summary.json").write_text(json.dumps(summary, indent=2))
+        with atomic_path(p.variant(method) / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
         tracker.end_run(run_id)
+    return summary
+
+
+def verified_variant(params: Params, method: str) -> dict:
+    """The variant's ``summary.json``, with its adapter's bytes checked against the recorded checksum: the
+    gates measure, and the registry serves, exactly what training wrote."""
+    from flowbp_ops.errors import IntegrityError
+    from flowbp_ops.storage import sha256_of
+
+    p = paths(params)
+    summary_file = p.variant(method) / "summary.json"
+    if not summary_file.exists():
+        raise FileNotFoundError(f"{summary_file} not found: train the variant first (trained_variant[{method}])")
+    summary = json.loads(summary_file.read_text())
+    adapter = p.variant(method) / "adapter"
+    if not adapter.exists() or sha256_of(adapter) != summary.get("adapter_sha256"):
+        raise IntegrityError(f"{adapter} differs from the checksum in {summary_file} (corrupt or replaced): retrain "
+                             f"the variant (flowbp stage trained_variant --method {method}) or restore it "
+                             "(scripts/dvc checkout)")
     return summary
 
 
@@ -221,32 +246,6 @@ def _base_pin(params: Params) -> str:
     w = paths(params).world
     record = w / ("base_model.json" if params.train.backbone == "default" else "backbone.json")
     return record.read_text() if record.exists() else ""
-
-
-def _resume_point(run: Path, cfg, base: str) -> int | None:
-    """The step to resume ``run`` from, if its last checkpoint was written by this config on this base model;
-    otherwise the old run is cleared and training starts over (``None``)."""
-    from flowbp_ops.atomic import remove
-    from flowbp_ops.training.checkpoint import list_checkpoints
-
-    ckpts = list_checkpoints(run)
-    if ckpts and (run / "base.json").exists() and (run / "base.json").read_text() == base:
-        meta = json.loads((ckpts[-1] / "meta.json").read_text())
-        if meta["config"] == cfg.model_dump(mode="json"):
-            return int(meta["step"])
-    remove(run)
-    run.mkdir(parents=True)
-    (run / "base.json").write_text(base)
-    return None
-
-
-def _metric_rows(run: Path, resumed_from: int | None) -> list[dict]:
-    """Per-step rows a resumed run already logged (up to its checkpoint); the file keeps only those."""
-    file = run / "metrics.jsonl"
-    rows = [json.loads(line) for line in file.read_text().splitlines()] if resumed_from and file.exists() else []
-    rows = [r for r in rows if r["step"] < (resumed_from or 0)]
-    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
 
 
 def _register(params: Params, tracker, run_id: str, adapter: Path, tags: dict[str, str]) -> str:
@@ -314,8 +313,15 @@ def promoted_model(params: Params, tracker) -> dict:
     from flowbp_ops.tracking import PromotionError
 
     p = paths(params)
+    if not (p.comparison / "comparison.json").exists():
+        raise FileNotFoundError(f"no method comparison in {p.comparison}: run it first (flowbp stage method_comparison, "
+                                "after evaluating the variants)")
     table = json.loads((p.comparison / "comparison.json").read_text())
     metric = params.promote.metric
+    missing = [m for m, v in table["variants"].items() if metric not in v["variant"]]
+    if missing:
+        raise ConfigError(f"promote.metric={metric!r} was not measured for {', '.join(missing)}: rerun their evaluation "
+                          "with the settings that produce it, or pick another metric")
     ranked = sorted(table["variants"], key=lambda m: -table["variants"][m]["variant"][metric])
     passing = [m for m in ranked if all(g["passed"] for g in table["variants"][m]["gates"].values())]
     record: dict[str, Any] = {"metric": metric, "ranking": ranked, "passing": passing}

@@ -18,13 +18,15 @@ import json
 import os
 import shutil
 import struct
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from flowbp_ops.atomic import atomic_path
+from flowbp_ops.uris import URIError, parse_hub_uri, split_s3  # noqa: F401  (re-exported: the URI syntax)
 
 
-class SourceError(ValueError):
-    pass
+SourceError = URIError  # a source that cannot be read: bad URI, missing, unreachable, wrong checksum
 
 
 def sha256_of(path: str | Path) -> str:
@@ -61,18 +63,46 @@ def canonical_header(path: str | Path) -> None:
         f.write(text + b" " * (n - len(text)))
 
 
+S3_TIMEOUT_S = 30  # connect and read timeout of every S3 call (an endpoint that never answers fails)
+
+
 def s3_client():
     import boto3
+    from botocore.config import Config
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint)
+    timeout = float(os.environ.get("FLOWBP_S3_TIMEOUT", S3_TIMEOUT_S))
+    cfg = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 2, "mode": "standard"})
+    return boto3.client("s3", endpoint_url=endpoint, config=cfg)
 
 
-def split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise SourceError(f"{uri!r}: an S3 URI is s3://bucket/key")
-    return bucket, key
+@contextmanager
+def s3_errors(uri: str) -> Iterator[None]:
+    """boto's exceptions as one ``SourceError`` naming the URI and the fix (credentials never in it)."""
+    from botocore import exceptions as be
+
+    from flowbp_ops.errors import describe
+
+    try:
+        yield
+    except (be.BotoCoreError, be.ClientError) as exc:
+        if isinstance(exc, be.ClientError) and exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            raise SourceError(f"{uri!r}: no such bucket; check the URI (and AWS_ENDPOINT_URL_S3)") from None
+        raise SourceError(f"{uri!r}: {describe(exc)[0]}") from None
+
+
+def confined(root: str | Path, relative: str) -> Path:
+    """``root/relative``, refused unless it stays inside ``root``: a key or member name from outside
+    (an S3 listing, an archive) never writes elsewhere on disk."""
+    root = Path(root).resolve()
+    parts = relative.split("/")
+    if not relative or relative.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise SourceError(f"refused to write {relative!r}: an absolute path, '.', '..' or an empty segment would "
+                          f"leave {root}")
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root):  # a symlink inside root pointing out
+        raise SourceError(f"refused to write {relative!r}: it resolves outside {root}")
+    return target
 
 
 def fetch(uri: str, dest: str | Path, expected_sha256: str | None = None) -> str:
@@ -80,6 +110,9 @@ def fetch(uri: str, dest: str | Path, expected_sha256: str | None = None) -> str
 
     Written to a ``dest.partial-*`` sibling and renamed, so a failed or refused fetch leaves nothing.
     """
+    from flowbp_ops.uris import check_source
+
+    check_source(uri, "source")
     with atomic_path(dest) as tmp:
         if uri.startswith("s3://"):
             _fetch_s3(uri, tmp)
@@ -102,45 +135,43 @@ def _fetch_s3(uri: str, tmp: Path) -> None:
 
     bucket, key = split_s3(uri)
     s3 = s3_client()
-    if key and not key.endswith("/"):
-        try:
-            s3.download_file(bucket, key, str(tmp))
-            return
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
-                raise SourceError(f"{uri!r}: {exc}") from None
-        key += "/"
-    found = False
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-        for obj in page.get("Contents", []):
-            found = True
-            target = tmp / obj["Key"][len(key):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, obj["Key"], str(target))
+    with s3_errors(uri):
+        if key and not key.endswith("/"):
+            try:
+                s3.download_file(bucket, key, str(tmp))
+                return
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
+                    raise
+            key += "/"
+        found = False
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                found, rel = True, obj["Key"][len(key):]
+                if not rel or rel.endswith("/"):  # a console's zero-byte "folder" marker
+                    continue
+                target = confined(tmp, rel)  # a key such as pfx/../../x stays refused
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, obj["Key"], str(target))
     if not found:
         raise SourceError(f"{uri!r}: no such object or prefix in bucket {bucket!r}")
 
 
-def parse_hub_uri(uri: str) -> tuple[str, str, str | None, str, list[str] | None]:
-    """``hf://[datasets/]owner/name[@rev][/path][?include=A,B]`` → (repo_type, repo, revision, path, include)."""
-    rest, _, query = uri[len("hf://"):].partition("?")
-    # ?include=*.json,*.txt: only those files of the repo (a tokenizer without the model's weights)
-    include = [p for p in query.removeprefix("include=").split(",") if p] if query.startswith("include=") else None
-    if query and include is None:
-        raise SourceError(f"{uri!r}: the only query a hub URI takes is ?include=PATTERN[,PATTERN]")
-    repo_type = "model"
-    if rest.startswith("datasets/"):
-        repo_type, rest = "dataset", rest[len("datasets/"):]
-    parts = rest.split("/")
-    if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise SourceError(f"{uri!r}: a hub URI is hf://owner/name[@revision][/file]")
-    name, _, revision = parts[1].partition("@")
-    return repo_type, f"{parts[0]}/{name}", revision or None, "/".join(parts[2:]), include
-
-
 def _fetch_hub(uri: str, tmp: Path) -> None:
     from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    try:
+        _download_hub(uri, tmp, hf_hub_download, snapshot_download)
+    except LocalEntryNotFoundError:
+        raise SourceError(f"{uri!r} is not in the local hub cache and the hub cannot be reached (HF_HUB_OFFLINE, or "
+                          "no network): download it where the hub answers, or give an s3:// or local copy") from None
+    except HfHubHTTPError as exc:
+        raise SourceError(f"{uri!r}: the hub answered {exc.response.status_code if exc.response is not None else '?'}"
+                          " (no such repo, file or revision, or a gated model: `huggingface-cli login`)") from None
+
+
+def _download_hub(uri: str, tmp: Path, hf_hub_download, snapshot_download) -> None:
     repo_type, repo, revision, filename, include = parse_hub_uri(uri)
     if filename:
         got = hf_hub_download(repo, filename, repo_type=repo_type, revision=revision or None)

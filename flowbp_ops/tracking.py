@@ -12,7 +12,9 @@ records the gates as version tags; the model keeps the previous champion in a ta
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -62,17 +64,46 @@ def dvc_hash(path: str, lock_file: str | Path = "dvc.lock") -> str:
     return "untracked"
 
 
-def _check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast with a clear message instead of MLflow's minutes of retries against a dead server."""
+SERVER_TIMEOUT_S = 10
+
+
+def _check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
+    """Fail fast with a clear message instead of MLflow's minutes of retries against a dead server, and refuse a
+    URL that answers but is not an MLflow server (its REST API is asked for one experiment)."""
     import urllib.error
     import urllib.request
 
+    from flowbp_ops.errors import redact
+
+    safe = redact(uri)
+    probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(probe)
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:  # MLflow's own basic-auth variables
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            body = resp.read(1 << 16)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ConnectionError(f"MLflow tracking server {safe} refused the credentials (HTTP {exc.code}): set "
+                                  "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+                                  ) from None
+        raise ConnectionError(f"{safe} answered HTTP {exc.code} to MLflow's REST API: it is not an MLflow tracking "
+                              "server; set tracking.tracking_uri to one (mlflow server ...)") from None
     except (urllib.error.URLError, OSError) as exc:
-        safe = re.sub(r"//[^@/]*@", "//***@", uri)  # never print credentials embedded in the URI
-        raise ConnectionError(f"MLflow tracking server {safe} is unreachable ({exc}); start it (mlflow server ...) or "
-                              f"set tracking.tracking_uri to the embedded store sqlite:///mlflow/mlflow.db") from None
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(f"MLflow tracking server {safe} is unreachable ({reason}); start it (mlflow server ...) "
+                              "or set tracking.tracking_uri to the embedded store sqlite:///mlflow/mlflow.db") from None
+    try:
+        json.loads(body)["experiments"] if body.strip() not in (b"", b"{}") else None
+    except (ValueError, KeyError, TypeError):
+        raise ConnectionError(f"{safe} answered, but not as an MLflow tracking server (no JSON from its REST API); "
+                              "set tracking.tracking_uri to an MLflow server") from None
 
 
 class Tracker:
@@ -106,6 +137,15 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+    def end_stale_runs(self, run_dir: str) -> list[str]:
+        """Mark KILLED the runs still RUNNING for ``run_dir``: the caller holds that run's lock, so whatever
+        started them has died (kill -9, a lost pod) without ending them."""
+        runs = self.client.search_runs([self.experiment_id()], "attributes.status = 'RUNNING'", max_results=1000)
+        stale = [r.info.run_id for r in runs if r.data.tags.get("flowbp.run_dir") == run_dir]
+        for run_id in stale:
+            self.client.set_terminated(run_id, "KILLED")
+        return stale
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
         import time
@@ -179,8 +219,20 @@ class Tracker:
         except MlflowException:
             return None
 
+    def _model(self, model_name: str):
+        try:
+            return self.client.get_registered_model(model_name)
+        except MlflowException:
+            raise PromotionError(f"no registered model {model_name!r} in {self.cfg.tracking_uri}: train and evaluate a "
+                                 "variant first (flowbp stage trained_variant / evaluation, or the pipeline)") from None
+
+    def _history(self, model_name: str) -> list[str]:
+        """The champions before the current one, oldest first (a registered-model tag)."""
+        return json.loads(self._model(model_name).tags.get("champion_history", "[]"))
+
     def promote(self, model_name: str, version: str, gates: dict[str, dict], reason: str = "") -> dict:
         """Set ``candidate``; move ``champion`` to ``version`` only if every gate passed."""
+        self._model(model_name)
         self.client.set_registered_model_alias(model_name, CANDIDATE, version)
         for gate, result in gates.items():
             self.client.set_model_version_tag(model_name, version, f"gate.{gate}", json.dumps(result))
@@ -194,20 +246,30 @@ class Tracker:
         if previous == version:
             return {"champion": version, "previous": previous, "changed": False}
         self.client.set_registered_model_alias(model_name, CHAMPION, version)
-        self.client.set_registered_model_tag(model_name, "previous_champion", previous or "")
+        if previous:
+            history = self._history(model_name) + [previous]
+            self.client.set_registered_model_tag(model_name, "champion_history", json.dumps(history))
         self.client.set_model_version_tag(model_name, version, "promotion",
                                           f"champion (was {previous or 'none'}){': ' + reason if reason else ''}")
         return {"champion": version, "previous": previous, "changed": True}
 
     def rollback(self, model_name: str) -> dict:
-        """Restore the champion before the last promotion."""
-        model = self.client.get_registered_model(model_name)
-        previous = model.tags.get("previous_champion")
+        """Restore the champion before the current one. Each rollback goes one further back in the history (it never
+        flips back to the version just rolled back), and the restored version's recorded gates must still pass."""
+        history = self._history(model_name)
         current = self.alias_version(model_name, CHAMPION)
-        if not previous:
-            raise PromotionError(f"{model_name} has no previous champion to roll back to (champion: {current})")
+        if not history:
+            raise PromotionError(f"{model_name} has no earlier champion to roll back to (champion: {current or 'none'})")
+        previous = history[-1]
+        mv = self.client.get_model_version(model_name, previous)
+        gates = {k.removeprefix("gate."): json.loads(v) for k, v in mv.tags.items() if k.startswith("gate.")}
+        failed = [g for g, r in gates.items() if not r.get("passed")]
+        if not gates or failed:
+            raise PromotionError(f"version {previous} of {model_name} cannot be champion again: "
+                                 f"{'gates ' + ', '.join(failed) + ' failed' if failed else 'no gate results recorded'}"
+                                 f"; champion unchanged ({current})")
         self.client.set_registered_model_alias(model_name, CHAMPION, previous)
-        self.client.set_registered_model_tag(model_name, "previous_champion", current or "")
-        self.client.set_model_version_tag(model_name, current, "promotion", f"rolled back to {previous}")
-        return {"champion": previous, "previous": current}
-
+        self.client.set_registered_model_tag(model_name, "champion_history", json.dumps(history[:-1]))
+        if current:
+            self.client.set_model_version_tag(model_name, current, "promotion", f"rolled back to {previous}")
+        return {"champion": previous, "previous": current, "history": history[:-1]}

@@ -51,8 +51,12 @@ def _metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 def _run(stage: Stage, context: dg.AssetExecutionContext, params, mlflow: MlflowResource, compute: ComputeResource):
     """Call the stage's library function; returns (metadata, check results)."""
+    from flowbp_ops.locks import stage_lock
+
     device, precision = compute.resolve(params)
-    with compute.placed(device) if stage.gpu else nullcontext(device) as device:
+    method = context.partition_key if stage.per_method else None
+    with stage_lock(params.data_dir, stage.name, method), \
+            compute.placed(device) if stage.gpu else nullcontext(device) as device:
         params = params.model_copy(update={"device": device,
                                            "train": params.train.model_copy(update={"precision": precision})})
         return _call(stage, context, params, mlflow)

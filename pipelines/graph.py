@@ -102,7 +102,9 @@ def dvc_yaml(params=None) -> str:
         outs, metrics = _outs_of(s, None, params), [_relocate(m, params) for m in s.metrics]
         plots = {_relocate(p, params): opts for p, opts in s.plots.items()}
         outs = [o for o in outs if o not in metrics and o not in plots]
-        body: dict = {"cmd": f"flowbp stage {s.name}" + (" --method ${item}" if s.per_method else "")}
+        # the method reaches flowbp through DVC_STAGE (``trained_variant@refl``), never through the shell: a
+        # `${item}` in cmd would hand whatever params.yaml lists to /bin/sh before flowbp could refuse it
+        body: dict = {"cmd": f"flowbp stage {s.name}" + (" --method-of-dvc-stage" if s.per_method else "")}
         if deps:
             body["deps"] = sorted(set(deps))
         body["params"] = list(s.params)

@@ -213,9 +213,9 @@ def test_promotion_gates_aliases_and_rollback(chain):
 def test_stage_cli_refuses_bad_input(tmp_path, capsys):
     from flowbp_ops.cli import main
 
-    assert main(["stage", "trained_variant", "--params", str(tmp_path / "none.yaml")]) == 2
+    assert main(["stage", "trained_variant", "--params", str(ROOT / "params.yaml")]) == 2
     assert "needs --method" in capsys.readouterr().err
-    assert main(["stage", "prompt_sets", "--method", "refl", "--params", str(tmp_path / "none.yaml")]) == 2
+    assert main(["stage", "prompt_sets", "--method", "refl", "--params", str(ROOT / "params.yaml")]) == 2
     assert main(["stage", "evaluation", "--method", "refl", "--set", f"data_dir={tmp_path}"]) == 2
     assert "train the variant first" in capsys.readouterr().err
 
@@ -256,10 +256,15 @@ def test_unreachable_mlflow_server_fails_fast_without_leaking_credentials(tmp_pa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.perf_counter()
-    code = main(["promote", "--rollback", "--params", str(tmp_path / "none.yaml"),
+    code = main(["promote", "--rollback", "--params", str(ROOT / "params.yaml"),
+                 "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unreachable" in err and time.perf_counter() - t0 < 30
+    # credentials in the URI are refused before anything connects, and never echoed
+    code = main(["promote", "--rollback", "--params", str(ROOT / "params.yaml"),
                  "--set", f"tracking.tracking_uri=http://alice:s3cret@127.0.0.1:{port}"])
     err = capsys.readouterr().err
-    assert code == 2 and "unreachable" in err and "s3cret" not in err and time.perf_counter() - t0 < 30
+    assert code == 2 and "MLFLOW_TRACKING_PASSWORD" in err and "s3cret" not in err
 
 
 def test_reward_weights_fetched_from_s3_with_checksums(tmp_path, s3_bucket):

@@ -63,7 +63,7 @@ def test_rewards_are_differentiable_and_refuse_bad_input(world):
         get_reward("align", world_dir=world)(images, prompts[:2])
     with pytest.raises(ValueError, match="must name exactly one colour|must name exactly one color"):
         get_reward("align", world_dir=world)(images[:1], ["a seven on the left, small"])
-    with pytest.raises(KeyError, match="unknown reward 'hps'"):
+    with pytest.raises(ValueError, match="unknown reward .hps."):
         get_reward("hps", world_dir=world)
 
 

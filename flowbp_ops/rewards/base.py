@@ -40,10 +40,25 @@ class Composite:
         return sum(w * r(images, prompts) for w, r in self.parts.values())
 
 
-_REGISTRY: dict[str, Callable[..., Reward]] = {}
+# The built-in rewards, declared once: name -> "module:factory". A factory takes (world_dir, device) and
+# returns a Reward; the module is imported only when the reward is built, so settings can be checked
+# against these names without loading any model.
+BUILTIN: dict[str, str] = {
+    "align": "flowbp_ops.rewards.world:align",
+    "align_heldout": "flowbp_ops.rewards.world:align_heldout",
+    "quality": "flowbp_ops.rewards.world:quality",
+    "quality_heldout": "flowbp_ops.rewards.world:quality_heldout",
+    "realism": "flowbp_ops.rewards.world:realism",
+    "clipscore": "flowbp_ops.rewards.clip:clipscore",
+    "pickscore": "flowbp_ops.rewards.clip:pickscore",
+    "hpsv2": "flowbp_ops.rewards.hpsv2:hpsv2",
+    "imagereward": "flowbp_ops.rewards.imagereward:imagereward",
+}
+_REGISTRY: dict[str, Callable[..., Reward]] = {}  # rewards a user registers at run time (tests, plugins)
 
 
 def register(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Add a reward factory under ``name`` (for rewards outside flowbp; the built-ins are ``BUILTIN``)."""
     def deco(factory: Callable[..., Reward]) -> Callable[..., Reward]:
         _REGISTRY[name] = factory
         return factory
@@ -51,30 +66,42 @@ def register(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Rewar
     return deco
 
 
-def get_reward(name: str, **kwargs) -> Reward:
-    """A registered reward by name; ``"a:0.7,b:0.3"`` builds a weighted composite."""
-    if "," in name or ":" in name:
-        parts = {}
-        for item in name.split(","):
-            n, _, w = item.partition(":")
-            parts[n.strip()] = (float(w) if w else 1.0, get_reward(n.strip(), **kwargs))
-        return Composite(parts)
-    _register_builtin()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown reward {name!r}: registered are {', '.join(sorted(_REGISTRY)) or 'none'}")
-    return _REGISTRY[name](**kwargs)
+def parse_spec(spec: str) -> dict[str, float]:
+    """``"align"`` or ``"a:0.7,b:0.3"`` -> {name: weight}; a clear error for an unknown name or bad weight."""
+    import math
+
+    parts: dict[str, float] = {}
+    for item in spec.split(","):
+        name, sep, weight = (s.strip() for s in item.partition(":"))
+        try:
+            w = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"reward {spec!r}: weight {weight!r} of {name!r} is not a number "
+                             "(write name:weight, e.g. align:0.7,realism:0.3)") from None
+        if not math.isfinite(w):
+            raise ValueError(f"reward {spec!r}: weight of {name!r} must be finite")
+        if name not in registered():
+            raise ValueError(f"unknown reward {name!r}: registered are {', '.join(registered())}")
+        parts[name] = w
+    return parts
+
+
+def get_reward(spec: str, **kwargs) -> Reward:
+    """A reward by name; ``"a:0.7,b:0.3"`` builds a weighted composite."""
+    import importlib
+
+    parts = parse_spec(spec)
+    if len(parts) > 1 or ":" in spec:
+        return Composite({n: (w, get_reward(n, **kwargs)) for n, w in parts.items()})
+    (name,) = parts
+    if name in _REGISTRY:
+        return _REGISTRY[name](**kwargs)
+    module, factory = BUILTIN[name].split(":")
+    return getattr(importlib.import_module(module), factory)(**kwargs)
 
 
 def registered() -> list[str]:
-    _register_builtin()
-    return sorted(_REGISTRY)
-
-
-def _register_builtin() -> None:
-    import flowbp_ops.rewards.clip  # noqa: F401  (clipscore, pickscore)
-    import flowbp_ops.rewards.hpsv2  # noqa: F401  (hpsv2)
-    import flowbp_ops.rewards.imagereward  # noqa: F401  (imagereward)
-    import flowbp_ops.rewards.world  # noqa: F401  (the default world's rewards)
+    return sorted({*BUILTIN, *_REGISTRY})
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowbp_ops.rewards.base import check_images, freeze, register
+from flowbp_ops.rewards.base import check_images, freeze
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,11 +71,9 @@ def _path(world_dir: str | Path, name: str) -> Path:
     return Path(world_dir) / "rewards" / name
 
 
-@register("clipscore")
-def _clipscore(world_dir: str | Path = "data/world", device: str = "cpu", **_):
+def clipscore(world_dir: str | Path = "data/world", device: str = "cpu", **_):
     return CLIPReward(_path(world_dir, "clipscore"), "clipscore", "clipscore", device)
 
 
-@register("pickscore")
-def _pickscore(world_dir: str | Path = "data/world", device: str = "cpu", **_):
+def pickscore(world_dir: str | Path = "data/world", device: str = "cpu", **_):
     return CLIPReward(_path(world_dir, "pickscore"), "pickscore", "pickscore", device)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowbp_ops.rewards.base import check_images, register
+from flowbp_ops.rewards.base import check_images
 from flowbp_ops.rewards.clip import CLIPReward, clip_preprocess
 
 # open_clip pools the text at argmax(token ids), the end-of-text token being the largest id.
@@ -187,6 +187,5 @@ class HPSv2Reward(CLIPReward):
         return (img * self.text_embeddings(prompts).to(img.device)).sum(-1)  # no logit_scale: HPSv2's score
 
 
-@register("hpsv2")
-def _hpsv2(world_dir: str | Path = "data/world", device: str = "cpu", **_):
+def hpsv2(world_dir: str | Path = "data/world", device: str = "cpu", **_):
     return HPSv2Reward(Path(world_dir) / "rewards" / "hpsv2", device=device)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from flowbp_ops.rewards.base import check_images, freeze, register
+from flowbp_ops.rewards.base import check_images, freeze
 from flowbp_ops.rewards.clip import CLIP_MEAN, CLIP_STD
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
@@ -174,6 +174,5 @@ def convert_checkpoint(src_pt: str | Path, dst_dir: str | Path, tokenizer: str |
     return dst
 
 
-@register("imagereward")
-def _imagereward(world_dir: str | Path = "data/world", device: str = "cpu", **_):
+def imagereward(world_dir: str | Path = "data/world", device: str = "cpu", **_):
     return ImageReward(Path(world_dir) / "rewards" / "imagereward", device=device)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from flowbp_ops.rewards.base import check_images, freeze, register
+from flowbp_ops.rewards.base import check_images, freeze
 from flowbp_ops.world import digits
 
 HEADS = {"digit": 10, "color": len(digits.COLORS), "size": len(digits.SIZES), "position": len(digits.POSITIONS)}
@@ -99,11 +99,16 @@ def _path(world_dir: str | Path, name: str) -> Path:
     return Path(world_dir) / "rewards" / name
 
 
-for _name, _kind in [("align", AlignmentReward), ("align_heldout", AlignmentReward),
-                     ("quality", QualityReward), ("quality_heldout", QualityReward)]:
-    register(_name)(lambda world_dir, device="cpu", _n=_name, _k=_kind, **_:
-                    _k(load_net(_path(world_dir, _n)).to(device), _n))
+def _world_reward(name: str, kind, **extra):
+    def factory(world_dir: str | Path = "data/world", device: str = "cpu", **_):
+        return kind(load_net(_path(world_dir, extra.get("net", name))).to(device), name, **extra.get("kw", {}))
+
+    factory.__name__ = name
+    return factory
+
+
+align, align_heldout = _world_reward("align", AlignmentReward), _world_reward("align_heldout", AlignmentReward)
+quality, quality_heldout = _world_reward("quality", QualityReward), _world_reward("quality_heldout", QualityReward)
 # bounded realism for composites with the alignment probability ("align:0.7,realism:0.3"): the logit is
 # unbounded and a composite with it is won by pushing the critic alone
-register("realism")(lambda world_dir, device="cpu", **_:
-                    QualityReward(load_net(_path(world_dir, "quality")).to(device), "realism", True))
+realism = _world_reward("realism", QualityReward, net="quality", kw={"probability": True})

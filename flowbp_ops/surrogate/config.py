@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 class _Axis(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RewardInput(_Axis):

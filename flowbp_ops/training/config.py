@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: lr=Infinity or guidance=NaN are refused at load, not found as NaN weights later
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     method: str = "flowbp_lagrange"
     backbone: str = "default"
@@ -16,7 +17,7 @@ class TrainConfig(BaseModel):
     steps: int = Field(200, ge=1, description="optimizer steps")
     batch: int = Field(4, ge=1, description="prompts per step")
     rollout_steps: int = Field(10, ge=1, description="N, sampling steps of the training rollout")
-    guidance: float | None = Field(4.0, description="real CFG scale (None: no CFG)")
+    guidance: float | None = Field(4.0, ge=0, description="real CFG scale (None: no CFG)")
     reward: str = Field("align", description="training reward (registry name or 'a:0.7,b:0.3')")
     heldout_rewards: list[str] = Field(default_factory=lambda: ["align_heldout", "quality", "quality_heldout"])
     loss: Literal["hinge", "negative"] = Field("hinge", description="hinge: w·relu(r_max − r); negative: −w·r")
@@ -27,8 +28,8 @@ class TrainConfig(BaseModel):
     lora_alpha: float = Field(8.0, gt=0)
     lr: float = Field(3e-4, gt=0)  # measured on the default world: 200 × 3e-4 beats 60 × 1e-3 (README)
     weight_decay: float = Field(1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's betas, each in [0, 1)")
+    eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast of the forward (GPU)")
     gradient_checkpointing: bool = Field(False, description="recompute the transformer's activations in backward")
@@ -38,3 +39,51 @@ class TrainConfig(BaseModel):
     keep_last: int = Field(2, ge=1)
     max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite steps before the run stops")
     method_overrides: list[str] = Field(default_factory=list, description="--set for the method's axes")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from flowbp_ops.methods import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; choose from {', '.join(METHODS)}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        from flowbp_ops.methods import BACKBONES
+
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}; choose from {', '.join(BACKBONES)}")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"{list(value)}: each beta must be in [0, 1)")
+        return value
+
+    @field_validator("reward")
+    @classmethod
+    def _reward(cls, value: str) -> str:
+        from flowbp_ops.rewards.base import parse_spec
+
+        parse_spec(value)
+        return value
+
+    @field_validator("heldout_rewards")
+    @classmethod
+    def _heldout(cls, value: list[str]) -> list[str]:
+        from flowbp_ops.rewards.base import parse_spec
+
+        for name in value:
+            parse_spec(name)
+        return value
+
+    def check_method(self) -> None:
+        """The method's axes with ``method_overrides`` on this run's N (ConfigError naming the field)."""
+        from flowbp_ops.methods import get_method
+
+        get_method(self.method, self.backbone, self.rollout_steps, self.method_overrides).check(self.rollout_steps)

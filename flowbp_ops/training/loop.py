@@ -19,6 +19,7 @@ from diffusers.training_utils import EMAModel
 from flowbp_ops.methods import get_method
 from flowbp_ops.rewards.base import get_reward
 from flowbp_ops.surrogate.compose import surrogate_step
+from flowbp_ops.surrogate.config import ConfigError
 from flowbp_ops.surrogate.plan import build_plan
 from flowbp_ops.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from flowbp_ops.training.config import TrainConfig
@@ -52,95 +53,118 @@ def attach_trainable(backbone, cfg: TrainConfig) -> list[tuple[str, torch.nn.Par
     return [(n, p) for n, p in tr.named_parameters() if p.requires_grad]
 
 
+class Trainer:
+    """One training run. Building it checks and loads everything that can refuse (method, rewards, prompts,
+    the trainable weights); nothing is written before :meth:`fit`."""
+
+    def __init__(self, cfg: TrainConfig, backbone, prompts: list[str], reward_kwargs: dict | None = None):
+        if not prompts:
+            raise ValueError("training needs a non-empty prompt list (the prompt set's train split is empty)")
+        self.cfg, self.backbone, self.prompts = cfg, backbone, prompts
+        self.method = get_method(cfg.method, cfg.backbone, cfg.rollout_steps, cfg.method_overrides)
+        self.method.check(cfg.rollout_steps)
+        self.sigmas = backbone.sigmas(cfg.rollout_steps)
+        self.device = getattr(backbone, "device", torch.device("cpu"))
+        # reward models live where the images are decoded
+        reward_kwargs = {"device": self.device, **(reward_kwargs or {})}
+        self.reward = get_reward(cfg.reward, **reward_kwargs)
+        self.heldout = {n: get_reward(n, **reward_kwargs) for n in cfg.heldout_rewards}
+        self.named = attach_trainable(backbone, cfg)
+        if cfg.gradient_checkpointing:
+            backbone.transformer.enable_gradient_checkpointing()
+        self.params = [p for _, p in self.named]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay)
+        self.ema = EMAModel(self.params, decay=cfg.ema) if cfg.ema is not None else None
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step, self.skipped = 0, 0
+
+    def restore(self, checkpoint: Path) -> int:
+        """Weights, AdamW, EMA and RNG state from ``checkpoint`` (written by this config); returns its step."""
+        weights, state, meta = load_checkpoint(checkpoint)
+        if meta["config"] != self.cfg.model_dump(mode="json"):
+            raise ValueError(f"the checkpoint in {checkpoint} was written by a different config; resume with the "
+                             "same one")
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(weights[n])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.gen.set_state(state["generator"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        return self.step
+
+    def fit(self, run_dir: str | Path, callbacks: Iterable[Callback] = (), stop_after: int | None = None
+            ) -> dict[str, Any]:
+        """Train ``backbone.transformer`` in place from :attr:`step`; checkpoints under ``run_dir/checkpoints``."""
+        cfg, backbone, device, gen = self.cfg, self.backbone, self.device, self.gen
+        run_dir = Path(run_dir)
+        denoiser = backbone.denoiser(cfg.guidance)
+        bad, last = 0, {}
+        for step in range(self.step, cfg.steps):
+            if stop_after is not None and step >= stop_after:
+                break
+            t0 = time.perf_counter()
+            idx = torch.randint(0, len(self.prompts), (cfg.batch,), generator=gen)
+            batch_prompts = [self.prompts[i] for i in idx.tolist()]
+            x0 = torch.randn(backbone.latent_shape(cfg.batch), generator=gen).to(device)  # CPU RNG: any device
+            plan = build_plan(self.method, self.sigmas, seed=cfg.seed * 1_000_003 + step)
+            cond = backbone.conditioning(batch_prompts, cfg.guidance)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                out = surrogate_step(denoiser, plan, x0, cond)
+                images = backbone.decode(out.y)
+                scored_prompts = batch_prompts * (1 + plan.lv_copies)
+                r = self.reward(images, scored_prompts).float()
+            per_sample = torch.relu(cfg.r_max - r) if cfg.loss == "hinge" else -r
+            loss = (out.w * per_sample).mean()
+            t_fwd = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            t_bwd = time.perf_counter()
+            loss_value, grad_value = loss.item(), grad_norm.item()
+            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+                self.skipped, bad = self.skipped + 1, bad + 1
+                self.opt.zero_grad(set_to_none=True)
+                if bad >= cfg.max_bad_steps:
+                    kept = list_checkpoints(run_dir)
+                    raise NonFiniteError(f"{bad} non-finite steps in a row (last at step {step}); stopped. "
+                                         f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower the learning "
+                                         f"rate or check the reward.")
+                continue
+            bad = 0
+            self.opt.step()
+            if self.ema is not None:
+                self.ema.step(self.params)
+            with torch.no_grad():
+                held = {n: float(h(images.detach(), scored_prompts).mean()) for n, h in self.heldout.items()}
+            last = {"loss": loss_value, "reward": r.mean().item(), **{f"heldout/{k}": v for k, v in held.items()},
+                    "grad_norm": grad_value, "skipped": self.skipped, **out.diagnostics(),
+                    "time_step": time.perf_counter() - t0, "time_forward": t_fwd - t0, "time_backward": t_bwd - t_fwd}
+            for cb in callbacks:
+                cb.on_step(step, last)
+            self.step = step + 1
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                state = {"optimizer": self.opt.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                         "generator": gen.get_state(), "step": self.step, "skipped": self.skipped}
+                save_checkpoint(run_dir, self.step, dict(self.named), state,
+                                {"config": cfg.model_dump(mode="json"), "step": self.step}, cfg.keep_last)
+        if self.ema is not None:
+            self.ema.copy_to(self.params)  # evaluate (and save) the EMA weights
+        return {"last": last, "skipped": self.skipped, "steps": cfg.steps}
+
+
 def train(cfg: TrainConfig, backbone, prompts: list[str], run_dir: str | Path, callbacks: Iterable[Callback] = (),
           resume: bool = False, stop_after: int | None = None, reward_kwargs: dict | None = None) -> dict[str, Any]:
-    """Train ``backbone.transformer`` in place; checkpoints under ``run_dir/checkpoints``."""
-    run_dir = Path(run_dir)
-    method = get_method(cfg.method, cfg.backbone, cfg.rollout_steps, cfg.method_overrides)
-    sigmas = backbone.sigmas(cfg.rollout_steps)
-    method.check(cfg.rollout_steps)
-    if not prompts:
-        raise ValueError("train() needs a non-empty prompt list")
-    # reward models live where the images are decoded
-    reward_kwargs = {"device": getattr(backbone, "device", torch.device("cpu")), **(reward_kwargs or {})}
-    reward = get_reward(cfg.reward, **reward_kwargs)
-    heldout = {n: get_reward(n, **reward_kwargs) for n in cfg.heldout_rewards}
-    named = attach_trainable(backbone, cfg)
-    if cfg.gradient_checkpointing:
-        backbone.transformer.enable_gradient_checkpointing()
-    device = getattr(backbone, "device", torch.device("cpu"))
-    params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    ema = EMAModel(params, decay=cfg.ema) if cfg.ema is not None else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    denoiser = backbone.denoiser(cfg.guidance)
-    start, skipped = 0, 0
+    """Train ``backbone.transformer`` in place; with ``resume`` from the newest intact checkpoint of ``run_dir``."""
+    from flowbp_ops.training.run_dir import RunDir
 
+    trainer = Trainer(cfg, backbone, prompts, reward_kwargs)
     if resume:
-        ckpts = list_checkpoints(run_dir)
-        if not ckpts:
-            raise FileNotFoundError(f"nothing to resume in {run_dir}: no checkpoints")
-        weights, state, meta = load_checkpoint(ckpts[-1])
-        if meta["config"] != cfg.model_dump(mode="json"):
-            raise ValueError(f"the checkpoint in {ckpts[-1]} was written by a different config; resume with the same one")
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(weights[n])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        gen.set_state(state["generator"])
-        start, skipped = state["step"], state["skipped"]
-
-    bad = 0
-    last = {}
-    for step in range(start, cfg.steps):
-        if stop_after is not None and step >= stop_after:
-            break
-        t0 = time.perf_counter()
-        idx = torch.randint(0, len(prompts), (cfg.batch,), generator=gen)
-        batch_prompts = [prompts[i] for i in idx.tolist()]
-        x0 = torch.randn(backbone.latent_shape(cfg.batch), generator=gen).to(device)  # CPU RNG: same on any device
-        plan = build_plan(method, sigmas, seed=cfg.seed * 1_000_003 + step)
-        cond = backbone.conditioning(batch_prompts, cfg.guidance)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = surrogate_step(denoiser, plan, x0, cond)
-            images = backbone.decode(out.y)
-            scored_prompts = batch_prompts * (1 + plan.lv_copies)
-            r = reward(images, scored_prompts).float()
-        per_sample = torch.relu(cfg.r_max - r) if cfg.loss == "hinge" else -r
-        loss = (out.w * per_sample).mean()
-        t_fwd = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        t_bwd = time.perf_counter()
-        loss_value, grad_value = loss.item(), grad_norm.item()
-        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-            skipped, bad = skipped + 1, bad + 1
-            opt.zero_grad(set_to_none=True)
-            if bad >= cfg.max_bad_steps:
-                kept = list_checkpoints(run_dir)
-                raise NonFiniteError(f"{bad} non-finite steps in a row (last at step {step}); stopped. "
-                                     f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower the learning "
-                                     f"rate or check the reward.")
-            continue
-        bad = 0
-        opt.step()
-        if ema is not None:
-            ema.step(params)
-        with torch.no_grad():
-            held = {n: float(h(images.detach(), scored_prompts).mean()) for n, h in heldout.items()}
-        last = {"loss": loss_value, "reward": r.mean().item(), **{f"heldout/{k}": v for k, v in held.items()},
-                "grad_norm": grad_value, "skipped": skipped, **out.diagnostics(),
-                "time_step": time.perf_counter() - t0, "time_forward": t_fwd - t0, "time_backward": t_bwd - t_fwd}
-        for cb in callbacks:
-            cb.on_step(step, last)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            state = {"optimizer": opt.state_dict(), "ema": ema.state_dict() if ema else None,
-                     "generator": gen.get_state(), "step": step + 1, "skipped": skipped}
-            save_checkpoint(run_dir, step + 1, {n: p for n, p in named}, state,
-                            {"config": cfg.model_dump(mode="json"), "step": step + 1}, cfg.keep_last)
-    if ema is not None:
-        ema.copy_to(params)  # evaluate (and save) the EMA weights
-    return {"last": last, "skipped": skipped, "steps": cfg.steps}
+        point = RunDir(run_dir).resume_point(cfg.model_dump(mode="json"))
+        if point.checkpoint is None:
+            raise ConfigError(f"cannot resume {run_dir}: {point.reason}; resume with the settings it was started "
+                              "with, or start it over")
+        trainer.restore(point.checkpoint)
+    return trainer.fit(run_dir, callbacks, stop_after)

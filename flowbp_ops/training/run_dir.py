@@ -1,0 +1,105 @@
+"""A training run's folder: its checkpoints, its per-step metrics and what it trains on, decided once.
+
+``checkpoints/step-*`` (``training.checkpoint``), ``metrics.jsonl`` (one row per finished step)
+and ``base.json`` (the base model's record the run trains on). ``resume_point`` is the one place
+that decides whether a run continues: from the newest intact checkpoint written with the same
+config on the same base model. Rows logged after that checkpoint (a run killed between two
+checkpoints) are dropped when the run continues, so every step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowbp_ops.atomic import atomic_path, remove
+from flowbp_ops.training.checkpoint import latest_intact, list_checkpoints, read_meta
+
+
+@dataclass
+class ResumePoint:
+    checkpoint: Path | None  # None: start over
+    step: int
+    reason: str  # why it resumes or starts over, for logs and stage metadata
+    passed_over: list[str] = field(default_factory=list)  # damaged newer checkpoints
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{prefix}{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.base_file = self.path / "base.json"
+
+    def holds_run(self) -> bool:
+        return bool(list_checkpoints(self.path)) or self.metrics_file.exists()
+
+    def last_step(self) -> int:
+        ckpts = list_checkpoints(self.path)
+        return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
+
+    def resume_point(self, config: dict[str, Any], base: str | None = None) -> ResumePoint:
+        """Where a run with ``config`` (and ``base``, when given) continues, and why."""
+        if not list_checkpoints(self.path):
+            return ResumePoint(None, 0, "no checkpoint")
+        ckpt, passed = latest_intact(self.path)
+        if ckpt is None:
+            return ResumePoint(None, 0, "every checkpoint is damaged", passed)
+        meta = read_meta(ckpt)
+        if base is not None and (not self.base_file.exists() or self.base_file.read_text() != base):
+            return ResumePoint(None, 0, "the base model changed", passed)
+        if meta["config"] != config:
+            diff = "; ".join(_changed(meta["config"], config))
+            return ResumePoint(None, 0, f"the config changed ({diff})", passed)
+        why = f"resumed at step {meta['step']}" + (f" (passed over {len(passed)} damaged newer checkpoint(s))"
+                                                    if passed else "")
+        return ResumePoint(ckpt, int(meta["step"]), why, passed)
+
+    def start(self, base: str | None = None) -> None:
+        """Clear the folder for a new run (call only once everything that can refuse has been checked)."""
+        remove(self.path)
+        self.path.mkdir(parents=True)
+        if base is not None:
+            self.base_file.write_text(base)
+
+    def rows(self) -> list[dict]:
+        if not self.metrics_file.exists():
+            return []
+        rows = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut by a kill: the step reruns after resume
+                continue
+        return rows
+
+    def metrics_log(self, start_step: int) -> "MetricsLog":
+        return MetricsLog(self, start_step)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: the rows before ``start_step`` are kept (a resumed run's curve stays whole), later ones
+    dropped; then one row per finished step, flushed as it is written. A training callback."""
+
+    def __init__(self, run: RunDir, start_step: int):
+        self.rows = [r for r in run.rows() if r.get("step", 1 << 62) < start_step] if start_step else []
+        run.path.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run.metrics_file) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.file = run.metrics_file.open("a")
+
+    def on_step(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        self.rows.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
