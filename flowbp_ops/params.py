@@ -119,7 +119,8 @@ class EvalParams(_Section):
 
 class PromoteParams(_Section):
     model_name: str = "flowbp-default"
-    metric: str = Field("reward/align", description="the evaluation metric that picks the best variant")
+    metric: str | None = Field(None, description="the evaluation metric that picks the best variant (None: the "
+                                                 "training reward, reward/<train.reward>)")
     min_improvement: float = Field(0.0, description="training reward must beat the base model by more than this")
     heldout_tolerance_sd: float = Field(0.5, ge=0, description="held-out rewards may fall at most this many "
                                         "standard deviations of the base model's scores")
@@ -199,10 +200,13 @@ class Params(_Section):
             except ConfigError as exc:
                 raise ValueError(f"train.method_overrides do not fit method {method} at train.rollout_steps="
                                  f"{self.train.rollout_steps}: {exc}") from None
-        if self.promote.metric not in self.metrics():
+        if self.promote_metric() not in self.metrics():
             raise ValueError(f"promote.metric={self.promote.metric!r} is not a metric the evaluation writes; "
                              f"choose from {', '.join(self.metrics())}")
         return self
+
+    def promote_metric(self) -> str:
+        return self.promote.metric or f"reward/{self.train.reward}"
 
     def metrics(self) -> list[str]:
         """The evaluation's per-variant metric names (what promotion can rank by)."""

@@ -65,5 +65,5 @@ def get_preset(name: str) -> Params:
                   "gradient_checkpointing": True, "checkpoint_every": 50},
         "methods": [method],
         "eval": {"rewards": ["hpsv2", "pickscore", "imagereward", "clipscore"]},
-        "promote": {"model_name": f"flowbp-{backbone}", "metric": "reward/hpsv2"},
+        "promote": {"model_name": f"flowbp-{backbone}"},
     })

@@ -317,7 +317,7 @@ def promoted_model(params: Params, tracker) -> dict:
         raise FileNotFoundError(f"no method comparison in {p.comparison}: run it first (flowbp stage method_comparison, "
                                 "after evaluating the variants)")
     table = json.loads((p.comparison / "comparison.json").read_text())
-    metric = params.promote.metric
+    metric = params.promote_metric()
     missing = [m for m, v in table["variants"].items() if metric not in v["variant"]]
     if missing:
         raise ConfigError(f"promote.metric={metric!r} was not measured for {', '.join(missing)}: rerun their evaluation "
