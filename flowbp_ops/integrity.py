@@ -38,9 +38,10 @@ def seal(folder: str | Path) -> dict[str, str]:
     return files
 
 
-def verify(folder: str | Path, what: str, fix: str) -> bool:
+def verify(folder: str | Path, what: str, fix: str, only: str | None = None) -> bool:
     """Check ``folder`` against its manifest (False when it has none); ``IntegrityError`` naming the files
-    that differ, are missing or were added, with ``fix`` as the remedy."""
+    that differ, are missing or were added, with ``fix`` as the remedy. ``only``: check just the files whose
+    path starts with it (one reward's files in a shared folder)."""
     folder = Path(folder)
     manifest = folder / MANIFEST
     if not manifest.exists():
@@ -50,6 +51,9 @@ def verify(folder: str | Path, what: str, fix: str) -> bool:
     except (ValueError, KeyError, TypeError):
         raise IntegrityError(f"{what}: {manifest} is unreadable; {fix}") from None
     found = {p.relative_to(folder).as_posix(): p for p in _files(folder)}
+    if only is not None:
+        recorded = {k: v for k, v in recorded.items() if k.startswith(only)}
+        found = {k: v for k, v in found.items() if k.startswith(only)}
     changed = [name for name, digest in recorded.items() if name in found and file_sha256(found[name]) != digest]
     missing = sorted(set(recorded) - set(found))
     added = sorted(set(found) - set(recorded))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flowbp_ops.atomic import atomic_path
+from flowbp_ops.integrity import seal
 from flowbp_ops.params import Params
 from flowbp_ops.surrogate.config import ConfigError
 
@@ -81,6 +82,8 @@ def reward_models(params: Params, progress: Callable | None = None) -> dict:
             meta[f"{name}.sha256"] = _convert_reward(name, uri, r, target)
         else:
             meta[f"{name}.sha256"] = fetch(uri, target / name, r.checksums.get(name))
+    if target.exists():
+        seal(target)  # every reward's files, checked when a reward loads them
     return meta
 
 

@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch import Tensor
 
 from flowbp_ops.backbones.schedules import get_schedule
+from flowbp_ops.integrity import verify
 from flowbp_ops.backbones.sd3 import SD3_LORA_TARGETS, SD3Velocity
 from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
 from flowbp_ops.world.base_model import decode_latents
@@ -32,6 +33,8 @@ class DefaultBackbone:
             if not (world_dir / sub / "config.json").exists():
                 raise FileNotFoundError(f"{world_dir / sub} is not a saved model: build the default world first "
                                         f"with `flowbp world build --out {world_dir}`")
+            verify(world_dir / sub, f"the default world's {sub}", "rebuild it (flowbp stage base_model) or restore it "
+                   "(scripts/dvc checkout)")
         self.vae = AutoencoderKL.from_pretrained(world_dir / "vae", use_safetensors=True).to(device).eval()
         self.vae.requires_grad_(False)
         self.transformer = SD3Transformer2DModel.from_pretrained(world_dir / "transformer", use_safetensors=True)

@@ -7,6 +7,7 @@ VAE decoder to the latents). Reward models are frozen.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
@@ -102,6 +103,15 @@ def get_reward(spec: str, **kwargs) -> Reward:
 
 def registered() -> list[str]:
     return sorted({*BUILTIN, *_REGISTRY})
+
+
+def check_recorded(path: str | Path) -> None:
+    """A fetched reward folder ``rewards/<name>`` checked against the manifest its stage wrote."""
+    from flowbp_ops.integrity import verify
+
+    path = Path(path)
+    verify(path.parent, f"reward model {path.name}", "fetch it again (flowbp stage reward_models)",
+           only=path.name + "/")
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowbp_ops.rewards.base import check_images, freeze
+from flowbp_ops.rewards.base import check_images, check_recorded, freeze
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -41,6 +41,7 @@ class CLIPReward:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"no CLIP model at {path}: fetch it with the reward_models stage "
                                     f"(rewards.source) or save one there with save_pretrained")
+        check_recorded(path)
         self.model = freeze(CLIPModel.from_pretrained(path, use_safetensors=True).to(device))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.size = self.model.config.vision_config.image_size

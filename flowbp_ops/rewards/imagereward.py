@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from flowbp_ops.rewards.base import check_images, freeze
+from flowbp_ops.rewards.base import check_images, check_recorded, freeze
 from flowbp_ops.rewards.clip import CLIP_MEAN, CLIP_STD
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
@@ -83,6 +83,7 @@ class ImageReward:
                 f"no ImageReward model at {path} (missing {', '.join(missing)}): fetch THUDM/ImageReward's "
                 f"ImageReward.pt (reward_models stage) and convert it with "
                 f"flowbp_ops.rewards.imagereward.convert_checkpoint(src_pt, {path}, tokenizer=<bert-base-uncased dir>)")
+        check_recorded(path)
         blip = BlipForImageTextRetrieval.from_pretrained(path, use_safetensors=True)
         self.vision, self.text = freeze(blip.vision_model.to(device)), freeze(blip.text_encoder.to(device))
         self.mlp = MLP(blip.config.text_config.hidden_size)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from flowbp_ops.integrity import verify
 from flowbp_ops.rewards.base import check_images, freeze
 from flowbp_ops.world import digits
 
@@ -58,6 +59,8 @@ def load_net(path: Path) -> ConvNet:
     cfg_file, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
     if not weights.exists() or not cfg_file.exists():
         raise FileNotFoundError(f"no reward model at {weights}: build the default world first (flowbp world build)")
+    verify(path.parent, f"reward model {path.name}", "rebuild the reward models (flowbp stage reward_models)",
+           only=path.name + ".")
     net = ConvNet(**json.loads(cfg_file.read_text()))
     net.load_state_dict(load_file(str(weights)))
     return freeze(net)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from flowbp_ops.atomic import atomic_path
+from flowbp_ops.integrity import seal
 from flowbp_ops.prompts import default_prompt_set
 from flowbp_ops.world import digits
 from flowbp_ops.world.config import WorldConfig
@@ -37,6 +38,7 @@ def build_reward_models(world: str | Path, cfg: WorldConfig = WorldConfig(), pro
     with atomic_path(Path(world) / "rewards") as tmp:
         accuracy = train_reward_nets(tmp, cfg.reward_steps, cfg.reward_batch, cfg.seed, progress)
         (tmp / "meta.json").write_text(json.dumps({"config": cfg.model_dump(), "accuracy": accuracy}, indent=2))
+        seal(tmp)
     return {"reward_accuracy": accuracy, "rewards_s": time.perf_counter() - t0}
 
 
@@ -75,6 +77,7 @@ def build_base_model(world: str | Path, cfg: WorldConfig = WorldConfig(), progre
     for name, model in [("vae", vae), ("transformer", transformer)]:
         with atomic_path(world / name) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
+            seal(tmp)
     with atomic_path(world / "base_model.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return meta
