@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flowbp_ops.surrogate.config import ConfigError
-from flowbp_ops.training.config import TrainConfig
+from flowbp_ops.training.config import RewardSpec, TrainConfig
 from flowbp_ops.world.config import WorldConfig
 
 
@@ -93,7 +93,7 @@ class RolloutParams(_Section):
 class EvalParams(_Section):
     """Evaluation runs on the cached rollouts' prompts, noise, steps and guidance (section ``rollouts``)."""
 
-    rewards: list[str] = Field(default_factory=lambda: ["align", "align_heldout", "quality", "quality_heldout"])
+    rewards: list[RewardSpec] = Field(default_factory=lambda: ["align", "align_heldout", "quality", "quality_heldout"])
     grid_prompts: int = Field(8, ge=1, description="prompts in the sample grid")
     diversity_seeds: int = Field(4, ge=2, description="samples per prompt for the diversity monitor")
     judge_url: str | None = Field(None, description="a served VLM judge's OpenAI-compatible base URL (e.g. "
@@ -106,15 +106,6 @@ class EvalParams(_Section):
         from flowbp_ops.uris import check_http_url
 
         return value if value is None else check_http_url(value, "eval.judge_url")
-
-    @field_validator("rewards")
-    @classmethod
-    def _rewards(cls, value: list[str]) -> list[str]:
-        from flowbp_ops.rewards.base import parse_spec
-
-        for name in value:
-            parse_spec(name)
-        return value
 
 
 class PromoteParams(_Section):

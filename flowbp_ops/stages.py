@@ -244,6 +244,22 @@ def verified_variant(params: Params, method: str) -> dict:
     return summary
 
 
+def finite_weights(adapter: Path) -> dict:
+    """Every trained tensor finite: the LoRA file, or every safetensors file of a fully fine-tuned transformer."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(adapter.rglob("*.safetensors"))
+    bad, n = [], 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                n += 1
+                if not bool(torch.isfinite(st.get_tensor(key)).all()):
+                    bad.append(f"{f.relative_to(adapter)}:{key}")
+    return {"passed": bool(files) and not bad, "files": len(files), "tensors": n, "non_finite": bad[:20]}
+
+
 def _base_pin(params: Params) -> str:
     """What the run trains on: the real model's pin, or the default model's build record."""
     w = paths(params).world

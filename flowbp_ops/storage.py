@@ -73,7 +73,8 @@ def s3_client():
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     timeout = float(os.environ.get("FLOWBP_S3_TIMEOUT", S3_TIMEOUT_S))
     cfg = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 2, "mode": "standard"})
-    return boto3.client("s3", endpoint_url=endpoint, config=cfg)
+    # a new session each time: boto3's default session keeps the credentials it found first
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
 
 
 @contextmanager

@@ -111,7 +111,10 @@ class Tracker:
         self.cfg = cfg
         uri = cfg.tracking_uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            # absolute: MLflow keeps one store per URI string, and a relative one would follow the first cwd
+            db = Path(uri[len("sqlite:///"):]).resolve()
+            db.parent.mkdir(parents=True, exist_ok=True)
+            uri = f"sqlite:///{db}"
         if uri.startswith(("http://", "https://")):
             _check_server(uri)
         mlflow.set_tracking_uri(uri)

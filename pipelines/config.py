@@ -24,6 +24,10 @@ from flowbp_ops.params import Params, load_params
 def _dagster_type(annotation: Any) -> Any:
     """Dagster config supports scalars, lists, dicts and Optional; Literal and tuple are mapped."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # validators stay with the library's schema (``apply``)
+        return _dagster_type(typing.get_args(annotation)[0])
+    if origin is list:
+        return list[_dagster_type(typing.get_args(annotation)[0])]
     if origin is typing.Literal:
         return str
     if origin is tuple:
@@ -75,7 +79,9 @@ def stage_config(stage_name: str, sections: list[str]) -> type[dg.Config]:
 
 def apply(config: dg.Config) -> Params:
     """``params.yaml`` with a run's config on top, validated by the library's schema."""
+    from flowbp_ops.params import params_from
+
     base = defaults().model_dump(mode="json")
     for sec, value in config.model_dump().items():
         base[sec] = value
-    return Params.model_validate(base)
+    return params_from(base, origin="run config")  # errors name the field, never echo the value (a URL's secret)

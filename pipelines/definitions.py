@@ -69,13 +69,8 @@ def _call(stage: Stage, context: dg.AssetExecutionContext, params, mlflow: Mlflo
                                                  "promoted_model") else None
     if stage.name == "trained_variant":
         meta = stages.trained_variant(params, method, tracker, tags)
-        import torch
-        from safetensors.torch import load_file
-
-        weights = load_file(str(stages.paths(params).variant(method) / "adapter" / "pytorch_lora_weights.safetensors"))
-        finite = all(bool(torch.isfinite(w).all()) for w in weights.values())
-        checks = [dg.AssetCheckResult(check_name="finite_weights", passed=finite,
-                                      metadata={"tensors": len(weights)})]
+        finite = stages.finite_weights(stages.paths(params).variant(method) / "adapter")
+        checks = [dg.AssetCheckResult(check_name="finite_weights", passed=finite["passed"], metadata=finite)]
         return {**meta, "mlflow_run": mlflow.run_url(tracker, meta.get("run_id"))}, checks
     if stage.name == "evaluation":
         meta = stages.evaluation(params, method, tracker)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _reward_spec(value: str) -> str:
+    from flowbp_ops.rewards.base import parse_spec
+
+    parse_spec(value)  # a known name, or name:weight,... with finite weights
+    return value
+
+
+RewardSpec = Annotated[str, AfterValidator(_reward_spec)]
 
 
 class TrainConfig(BaseModel):
@@ -18,8 +28,8 @@ class TrainConfig(BaseModel):
     batch: int = Field(4, ge=1, description="prompts per step")
     rollout_steps: int = Field(10, ge=1, description="N, sampling steps of the training rollout")
     guidance: float | None = Field(4.0, ge=0, description="real CFG scale (None: no CFG)")
-    reward: str = Field("align", description="training reward (registry name or 'a:0.7,b:0.3')")
-    heldout_rewards: list[str] = Field(default_factory=lambda: ["align_heldout", "quality", "quality_heldout"])
+    reward: RewardSpec = Field("align", description="training reward (registry name or 'a:0.7,b:0.3')")
+    heldout_rewards: list[RewardSpec] = Field(default_factory=lambda: ["align_heldout", "quality", "quality_heldout"])
     loss: Literal["hinge", "negative"] = Field("hinge", description="hinge: w·relu(r_max − r); negative: −w·r")
     r_max: float = Field(1.0, description="hinge target of the training reward")
     # optimisation (spec section 4, scaled to the default world)
@@ -63,23 +73,6 @@ class TrainConfig(BaseModel):
     def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not all(0 <= b < 1 for b in value):
             raise ValueError(f"{list(value)}: each beta must be in [0, 1)")
-        return value
-
-    @field_validator("reward")
-    @classmethod
-    def _reward(cls, value: str) -> str:
-        from flowbp_ops.rewards.base import parse_spec
-
-        parse_spec(value)
-        return value
-
-    @field_validator("heldout_rewards")
-    @classmethod
-    def _heldout(cls, value: list[str]) -> list[str]:
-        from flowbp_ops.rewards.base import parse_spec
-
-        for name in value:
-            parse_spec(name)
         return value
 
     def check_method(self) -> None:
