@@ -46,14 +46,27 @@ def load_lora(transformer: torch.nn.Module, adapter_dir: str | Path, adapter_nam
                                   adapter_name=adapter_name)
 
 
-def save_trained(backbone, finetune: str, out_dir: str | Path) -> Path:
+def save_trained(backbone, finetune: str, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """A run's trained weights: the LoRA file, or under full fine-tuning the whole transformer
-    (``transformer/`` in ``save_pretrained`` layout, the EMA weights when EMA is on)."""
+    (``transformer/`` in ``save_pretrained`` layout, the EMA weights when EMA is on). ``state_dict``: the
+    transformer's weights gathered from FSDP2 shards (written in the same layout: config + sharded
+    safetensors with their index, as diffusers reads them)."""
     if finetune == "lora":
         return save_lora(backbone.transformer, out_dir,
                          pipeline_class=getattr(backbone, "pipeline_class", "StableDiffusion3Pipeline"))
     with atomic_path(out_dir) as tmp:
-        backbone.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        if state_dict is None:
+            backbone.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        else:
+            from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+            from huggingface_hub import save_torch_state_dict
+
+            backbone.transformer.save_config(tmp / "transformer")
+            stem = SAFETENSORS_WEIGHTS_NAME.removesuffix(".safetensors")
+            save_torch_state_dict(state_dict, tmp / "transformer", filename_pattern=stem + "{suffix}.safetensors",
+                                  max_shard_size="10GB")
+            assert (tmp / "transformer" / SAFETENSORS_WEIGHTS_NAME).exists() or \
+                (tmp / "transformer" / SAFE_WEIGHTS_INDEX_NAME).exists()
         seal(tmp)
     return Path(out_dir) / "transformer"
 

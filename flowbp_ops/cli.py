@@ -137,6 +137,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _torchrun(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """``--nproc N`` / ``--nnodes``: run this same command under torchrun (one process per GPU), return its exit
+    code; None when it runs here (one process, or already a torchrun worker)."""
+    from flowbp_ops.training import distributed
+
+    nproc, nnodes = getattr(args, "nproc", 1), getattr(args, "nnodes", None)
+    if distributed.under_torchrun() or (nproc == 1 and nnodes in (None, "1")):
+        return None
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc}: give at least 1 process")
+    if getattr(args, "name", "trained_variant") != "trained_variant":
+        raise ValueError(f"--nproc: stage {args.name} runs in one process; only trained_variant (and train) run on "
+                         "several")
+    _check_layout(args, nproc * int(str(nnodes or 1).split(":")[-1]))
+    worker_argv = _without_launch_args(argv)  # the workers are already launched (and torchrun's parser would
+    return distributed.launch(                # take an abbreviation like --nproc for one of its own options)
+        distributed.torchrun_args(worker_argv, nproc, nnodes, args.node_rank, args.rdzv_endpoint))
+
+
+def _check_layout(args: argparse.Namespace, world: int) -> None:
+    """The settings and the batch layout on ``world`` processes, checked before any process starts."""
+    from flowbp_ops.training.batches import Layout
+
+    if args.command == "train":
+        from flowbp_ops.cli_world import _train_settings
+
+        cfg = _train_settings(args)[0]
+        cfg.check_method()
+    else:
+        from flowbp_ops.params import load_params
+
+        if not args.method and not args.method_of_dvc_stage:
+            raise ValueError("stage trained_variant needs --method")
+        cfg = load_params(args.params, args.set).train
+    Layout.of(cfg.global_batch, cfg.batch, world)
+
+
+def _without_launch_args(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint"):
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """The error boundary: any failure is one line on stderr (the traceback with --debug), exit code 2 for
     what the user can fix, 1 for a flowbp bug, 130 for Ctrl-C."""
@@ -144,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from flowbp_ops.errors import describe
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        relaunch = _torchrun(args, argv)
+        return relaunch if relaunch is not None else args.func(args)
     except (Exception, KeyboardInterrupt) as exc:
         if args.debug or os.environ.get("FLOWBP_DEBUG") == "1":
             import traceback

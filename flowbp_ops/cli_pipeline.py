@@ -31,17 +31,28 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         raise ConfigError(f"stage {args.name} needs --method, one of {', '.join(METHODS)}")
     if not per_method and args.method:
         raise ConfigError(f"stage {args.name} is not per method: drop --method")
-    kwargs = {}
-    if args.name in TRACKED:
+    from contextlib import nullcontext
+
+    from flowbp_ops.locks import stage_lock
+    from flowbp_ops.training import distributed
+
+    if distributed.under_torchrun() and args.name != "trained_variant":
+        raise ConfigError(f"stage {args.name} runs in one process: only trained_variant runs under torchrun / --nproc")
+    dist, device = distributed.setup(params.device) if args.name == "trained_variant" else (distributed.Dist(), None)
+    kwargs = {"dist": dist} if dist.active else {}
+    if args.name in TRACKED and dist.main:
         from flowbp_ops.tracking import Tracker
 
         kwargs["tracker"] = Tracker(params.tracking)
     fn = getattr(stages, args.name)
-    from flowbp_ops.locks import stage_lock
-
-    with stage_lock(params.data_dir, args.name, args.method), _placed(params) as params:
-        meta = fn(params, args.method, **kwargs) if per_method else fn(params, **kwargs)
-    print(json.dumps(meta, indent=2, default=str))
+    try:  # rank 0 holds the variant's lock; a second run's rank 0 is refused and torchrun stops its other ranks
+        with stage_lock(params.data_dir, args.name, args.method) if dist.main else nullcontext(), \
+                _placed(params if not dist.active else params.model_copy(update={"device": device})) as params:
+            meta = fn(params, args.method, **kwargs) if per_method else fn(params, **kwargs)
+    finally:
+        distributed.teardown()
+    if dist.main:
+        print(json.dumps(meta, indent=2, default=str))
     return 0
 
 
@@ -130,6 +141,16 @@ def _cmd_preset(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch_args(p) -> None:
+    """One run over several processes (trained_variant, train): flowbp re-runs itself under torchrun."""
+    g = p.add_argument_group("several processes (torchrun)")
+    g.add_argument("--nproc", type=int, default=1, help="processes on this node, one per GPU (CUDA_VISIBLE_DEVICES "
+                   "picks them); on CPUs, gloo")
+    g.add_argument("--nnodes", default=None, help="nodes of the run (N or MIN:MAX), each running this same command")
+    g.add_argument("--node-rank", type=int, default=None, help="this node's rank (with --nnodes)")
+    g.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous (with --nnodes)")
+
+
 def add_commands(sub) -> None:
     def common(p):
         p.add_argument("--params", default="params.yaml")
@@ -141,6 +162,7 @@ def add_commands(sub) -> None:
     s.add_argument("--method", default=None)
     s.add_argument("--method-of-dvc-stage", action="store_true", help="take the method from DVC_STAGE (dvc.yaml)")
     common(s)
+    launch_args(s)
     s.set_defaults(func=_cmd_stage)
 
     pr = sub.add_parser("promote", help="move the champion alias (gated), or roll it back")

@@ -68,51 +68,57 @@ def load_prompts(world: Path, split: str) -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    """One run, on this process or (``--nproc``, torchrun) on several: every rank trains, rank 0 alone holds the
+    output's lock, logs and writes."""
+    from flowbp_ops.training import distributed
+
+    try:
+        return _train(args)
+    finally:
+        distributed.teardown()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
 
     from flowbp_ops.adapters import save_trained
-    from flowbp_ops.backbones.default import DefaultBackbone
     from flowbp_ops.locks import exclusive
-    from flowbp_ops.methods import METHODS
-    from flowbp_ops.training.config import TrainConfig
     from flowbp_ops.training.loop import Trainer
     from flowbp_ops.training.run_dir import RunDir
 
-    if args.preset:
-        cfg, backbone, prompts, world = _preset_run(args)
-    else:
-        if not args.method:
-            raise ConfigError("give --method (one of " + ", ".join(METHODS) + ") or --preset BACKBONE/METHOD")
-        if args.method not in METHODS:
-            raise ConfigError(f"unknown method {args.method!r}: choose one of {', '.join(METHODS)}")
-        if args.backbone != "default":
-            raise ConfigError(f"--backbone {args.backbone}: a real backbone trains from a preset "
-                              f"(`flowbp train --preset {args.backbone}/{args.method}`, see `flowbp preset --list`)")
-        run_sets, method_sets = split_sets(args.set)
-        try:
-            cfg = TrainConfig(method=args.method, backbone=args.backbone, method_overrides=method_sets, **run_sets)
-        except ValidationError as exc:
-            raise ConfigError(fields(exc)) from None
-        world = Path(args.world)
-        prompts = load_prompts(world, "train")
-        backbone = DefaultBackbone(world)
+    cfg, params = _train_settings(args)
+    dist, device = distributed_setup(params.device if params else "cpu")
     out = Path(args.out or f"runs/{cfg.method}")
-    with exclusive(out.with_name(out.name + ".lock"), f"training into {out}"):
+    with exclusive(out.with_name(out.name + ".lock"), f"training into {out}") if dist.main else nullcontext():
+        if params is not None:  # the preset's stages fetch and pin once, on rank 0
+            if dist.main:
+                _prepare_preset(params)
+            dist.barrier()
+        backbone, world = _train_backbone(args, params, device)
+        prompts = load_prompts(world, "train")
         run = RunDir(out)
-        trainer = Trainer(cfg, backbone, prompts, {"world_dir": world})  # everything that can refuse, first
+        trainer = Trainer(cfg, backbone, prompts, {"world_dir": world}, dist)  # everything that can refuse, first
         if args.resume:
-            point = run.resume_point(cfg.model_dump(mode="json"))
+            point = run.resume_point(cfg.identity(), dist=dist)
             if point.checkpoint is None:
                 raise ConfigError(f"cannot resume {out}: {point.reason}; resume with the settings it was started "
                                   "with, or start over with --overwrite")
-            for note in point.passed_over:
+            for note in point.passed_over if dist.main else ():
                 print(f"flowbp: warning: {note}; resuming from an older checkpoint", file=sys.stderr)
-            trainer.restore(point.checkpoint)
+            if dist.main:
+                print(f"flowbp: {point.reason}", file=sys.stderr)
+            trainer.restore(point.checkpoint, point.meta)
         elif run.holds_run() or (out / "adapter").exists():
             if not args.overwrite:
                 raise FileExistsError(f"{out} already holds a run (checkpoints up to step {run.last_step()}): pass "
                                       "--resume to continue it, --overwrite to start it over, or another --out")
-            run.start()
+            if dist.main:
+                run.start()
+        dist.barrier()
+        if not dist.main:
+            trainer.fit(out)
+            trainer.trained_state()  # the collective that gathers FSDP2 shards for rank 0
+            return 0
         log = run.metrics_log(trainer.step)
         bar, _ = _progress()
 
@@ -127,24 +133,63 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 result = trainer.fit(out, callbacks=[log, Progress()])
         finally:
             log.close()
-        save_trained(backbone, cfg.finetune, out / "adapter")  # LoRA file, or transformer/ under full fine-tuning
-    print(json.dumps({"run": str(out), **result["last"], "skipped": result["skipped"]}, indent=2))
+        # LoRA file, or transformer/ under full fine-tuning
+        save_trained(backbone, cfg.finetune, out / "adapter", trainer.trained_state())
+    print(json.dumps({"run": str(out), **result["last"], "skipped": result["skipped"], "processes": dist.world,
+                      "global_batch": trainer.layout.global_batch}, indent=2))
     return 0
 
 
-def _preset_run(args: argparse.Namespace):
-    """The authors' recipe (``flowbp preset``) with ``--set section.key=value`` on top: prompt sets, reward
-    weights and the pinned base model through the pipeline's own stages, then the training run's inputs."""
+def distributed_setup(device: str):
+    from flowbp_ops.training import distributed
+
+    return distributed.setup(device)
+
+
+def _train_settings(args: argparse.Namespace):
+    """The run's TrainConfig, and the preset's Params (None for ``--method`` on the default world)."""
+    from pydantic import ValidationError
+
+    from flowbp_ops.methods import METHODS
+    from flowbp_ops.training.config import TrainConfig
+
+    if args.preset:
+        params = _preset_params(args)
+        return params.train_config(params.train.method), params
+    if not args.method:
+        raise ConfigError("give --method (one of " + ", ".join(METHODS) + ") or --preset BACKBONE/METHOD")
+    if args.method not in METHODS:
+        raise ConfigError(f"unknown method {args.method!r}: choose one of {', '.join(METHODS)}")
+    if args.backbone != "default":
+        raise ConfigError(f"--backbone {args.backbone}: a real backbone trains from a preset "
+                          f"(`flowbp train --preset {args.backbone}/{args.method}`, see `flowbp preset --list`)")
+    run_sets, method_sets = split_sets(args.set)
+    try:
+        cfg = TrainConfig(method=args.method, backbone=args.backbone, method_overrides=method_sets, **run_sets)
+    except ValidationError as exc:
+        raise ConfigError(fields(exc)) from None
+    return cfg, None
+
+
+def _train_backbone(args, params, device: str):
     from flowbp_ops import stages
+    from flowbp_ops.backbones.default import DefaultBackbone
+
+    if params is None:
+        return DefaultBackbone(Path(args.world), device=device), Path(args.world)
+    return stages._backbone(params.model_copy(update={"device": device})), Path(params.world_dir)
+
+
+def _preset_params(args: argparse.Namespace):
+    """The authors' recipe (``flowbp preset``) with ``--set section.key=value`` on top."""
     from flowbp_ops.params import params_from
     from flowbp_ops.presets import get_preset
+    from flowbp_ops.training.config import TrainConfig
 
     try:
         preset = get_preset(args.preset)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    from flowbp_ops.training.config import TrainConfig
-
     if args.world != "data/world" or args.backbone != "default":
         raise ConfigError("--world and --backbone come from the preset: change them with --set world_dir=... "
                           "or pick another preset")
@@ -157,15 +202,20 @@ def _preset_run(args: argparse.Namespace):
     params = params_from(data, sets, f"preset {args.preset}")
     if args.method and args.method != params.train.method:
         raise ConfigError(f"--method {args.method} contradicts --preset {args.preset}: give one of them")
+    return params
+
+
+def _prepare_preset(params) -> None:
+    """Prompt sets, reward weights fetched and converted, the base model pinned: the pipeline's own stages."""
     import torch
 
+    from flowbp_ops import stages
+
     if params.device == "cpu" and torch.cuda.is_available():
-        print(f"flowbp: warning: {args.preset} runs on the CPU although a GPU is visible: add --set device=cuda",
+        print("flowbp: warning: the preset runs on the CPU although a GPU is visible: add --set device=cuda",
               file=sys.stderr)
     for stage in (stages.prompt_sets, stages.reward_models, stages.base_model):
         stage(params)
-    prompts = load_prompts(Path(params.world_dir), "train")
-    return params.train_config(params.train.method), stages._backbone(params), prompts, Path(params.world_dir)
 
 
 def _load_backbone(args):
@@ -227,8 +277,13 @@ def add_commands(sub) -> None:
     t.add_argument("--out", default=None, help="run directory (default runs/METHOD)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run settings (steps=100, lr=1e-3) or method axes (active.k=5)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest intact checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="start over, replacing the run already in --out")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its newest intact "
+                       "checkpoint (on any number of processes)")
+    again.add_argument("--overwrite", action="store_true", help="start over, replacing the run already in --out")
+    from flowbp_ops.cli_pipeline import launch_args
+
+    launch_args(t)
     t.set_defaults(func=_cmd_train)
 
     for name, fn, hlp in [("sample", _cmd_sample, "generate images"), ("evaluate", _cmd_evaluate, "held-out metrics")]:

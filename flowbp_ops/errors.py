@@ -73,6 +73,9 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return "interrupted (outputs are written atomically: nothing half-written was kept)", INTERRUPTED
     if isinstance(exc, ValidationError):
         return f"invalid setting: {fields(exc)}", USER_ERROR
+    if type(exc).__name__ in ("DistBackendError", "DistNetworkError") or "Connection closed by peer" in str(exc):
+        return ("lost contact with another process of the run (it stopped, or its machine did): its own error says "
+                "why"), USER_ERROR
     boto = _botocore(exc)
     if boto:
         return redact(boto), USER_ERROR

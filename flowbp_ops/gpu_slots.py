@@ -29,6 +29,7 @@ def placed(device: str, lock_dir: str | Path = LOCK_DIR) -> Iterator[str]:
     import torch
 
     with gpu_slot(torch.cuda.device_count(), lock_dir) as i:
+        torch.cuda.set_device(i)  # the current device too: libraries that assume it (cuda:0) then agree
         yield f"cuda:{i}"
 
 

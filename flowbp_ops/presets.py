@@ -2,7 +2,8 @@
 
 A preset is a whole ``Params`` (pipeline settings): 25-step training rollouts at 512×512, the
 backbone's guidance, the method's published hyperparameters (``flowbp_ops.methods`` presets
-per backbone) and per-GPU batch, full fine-tuning in bf16 with gradient checkpointing, AdamW
+per backbone), their per-GPU batch and global batch (× 8 GPUs: reached on fewer processes by gradient
+accumulation, `train.global_batch`), full fine-tuning in bf16 with gradient checkpointing, AdamW
 (0.9, 0.999, 1e-8), lr 1e-5, weight decay 1e-4, clip 1.0, EMA 0.995, 300 steps, the hinge at
 r_max = 0.55 on HPSv2.1; evaluation on the 400 HPDv2 eval prompts shipped in
 ``flowbp_ops/data`` with 40 steps CFG 3.5 (SD3.5) or 50 steps guidance 4.0 (FLUX). LoRA instead
@@ -22,7 +23,11 @@ BACKBONES = {
     "flux1": ("black-forest-labs/FLUX.1-dev", 50, 4.0),
     "flux2": ("black-forest-labs/FLUX.2-klein-base-9B", 50, 4.0),
 }
-# per-GPU batch (spec section 4); DRaFT-K and AlignProp (exact references, not in the recipe) as DRaFT-LV
+# per-GPU batch (spec section 4) on the authors' 8 GPUs; the global batch is their product (spec §6.3), and
+# FLUX.2 DRaFT-LV also accumulates 2 micro-batches. DRaFT-K and AlignProp (exact references, not in the
+# recipe) as DRaFT-LV. A run on G processes with room for `batch` each accumulates global / (G·batch).
+AUTHORS_GPUS = 8
+MICRO_BATCHES = {("flux2", "draft_lv"): 2}
 BATCH = {"refl": (8, 4, 4), "flowbp_sparse": (8, 4, 4), "drtune": (8, 4, 4), "flowbp_bridge": (8, 8, 4),
          "flowbp_lagrange": (8, 8, 4), "leapalign": (8, 8, 4), "draft_lv": (4, 4, 2), "draft_k": (4, 4, 2),
          "alignprop": (4, 4, 2)}
@@ -43,6 +48,7 @@ def get_preset(name: str) -> Params:
                          f"{', '.join(BACKBONES)}, method one of {', '.join(BATCH)}")
     hub_id, eval_steps, guidance = BACKBONES[backbone]
     batch = BATCH[method][list(BACKBONES).index(backbone)]
+    global_batch = batch * AUTHORS_GPUS * MICRO_BATCHES.get((backbone, method), 1)
     return Params.model_validate({
         "world_dir": f"data/{backbone}",
         "base_model": {"source": f"hf://{hub_id}"},
@@ -58,7 +64,8 @@ def get_preset(name: str) -> Params:
                     "tokenizers": {"hpsv2": "hf://laion/CLIP-ViT-H-14-laion2B-s32B-b79K?include=*.json,*.txt",
                                    "imagereward": "hf://google-bert/bert-base-uncased?include=*.json,*.txt"}},
         "rollouts": {"n_steps": eval_steps, "guidance": guidance, "n_prompts": 400, "shard_size": 8},
-        "train": {"method": method, "backbone": backbone, "steps": 300, "batch": batch, "rollout_steps": 25,
+        "train": {"method": method, "backbone": backbone, "steps": 300, "batch": batch, "global_batch": global_batch,
+                  "rollout_steps": 25,
                   "guidance": guidance, "reward": "hpsv2", "heldout_rewards": ["pickscore", "imagereward"],
                   "loss": "hinge", "r_max": 0.55, "finetune": "full", "lr": 1e-5, "weight_decay": 1e-4,
                   "betas": [0.9, 0.999], "eps": 1e-8, "grad_clip": 1.0, "ema": 0.995, "precision": "bf16",

@@ -154,28 +154,34 @@ def cached_rollouts(params: Params) -> dict:
 
 
 def trained_variant(params: Params, method: str, tracker=None, tags: dict | None = None,
-                    progress: Callable | None = None) -> dict:
+                    progress: Callable | None = None, dist=None) -> dict:
     """Train one method; write the adapter, ``metrics.jsonl`` (DVC plots) and ``summary.json``.
 
-    A run continues from its newest intact checkpoint when the config and the base model are unchanged,
+    A run continues from its newest intact checkpoint when its settings and the base model are unchanged,
     and starts over otherwise; either way only after everything that can refuse has been checked (the
-    settings at load; the base model, prompts, rewards and method here), so a refused run loses nothing."""
-    from flowbp_ops.adapters import save_trained
+    settings at load; the base model, prompts, rewards, batch layout and method here), so a refused run
+    loses nothing. Under torchrun every process trains (``dist``); rank 0 alone writes and tracks."""
     from flowbp_ops.prompts import load_prompt_set
-    from flowbp_ops.storage import sha256_of
+    from flowbp_ops.training.distributed import Dist
     from flowbp_ops.training.loop import Trainer
     from flowbp_ops.training.run_dir import RunDir
 
+    dist = dist or Dist()
     cfg = params.train_config(method)
     p = paths(params)
     trainer = Trainer(cfg, _backbone(params), load_prompt_set(p.prompts, "train"),
-                      {"world_dir": params.world_dir})
+                      {"world_dir": params.world_dir}, dist)
     run, base = RunDir(p.run(method)), _base_pin(params)
-    point = run.resume_point(cfg.model_dump(mode="json"), base)
+    point = run.resume_point(cfg.identity(), base, dist)
     if point.checkpoint is not None:
-        trainer.restore(point.checkpoint)
-    else:
+        trainer.restore(point.checkpoint, point.meta)
+    elif dist.main:
         run.start(base)
+    dist.barrier()
+    if not dist.main:
+        trainer.fit(run.path)
+        trainer.trained_state()  # the collective that gathers FSDP2 shards for rank 0
+        return {}
     log = run.metrics_log(trainer.step)
     run_id = None
     if tracker is not None:
@@ -184,7 +190,8 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
         key = str(p.run(method).resolve())
         tracker.end_stale_runs(key)  # a killed earlier attempt left its MLflow run RUNNING: mark it KILLED
         tags = {"method": method, "rollouts.sha256": _rollouts_sha(p), "rollouts.dvc_md5": dvc_hash(str(p.rollouts)),
-                "flowbp.run_dir": key, "flowbp.resume": point.reason, **(tags or {})}
+                "flowbp.run_dir": key, "flowbp.resume": point.reason, "processes": str(dist.world),
+                "global_batch": str(trainer.layout.global_batch), **(tags or {})}
         run_id = tracker.start_run(method, tags, params={"train": cfg.model_dump(mode="json"),
                                                          "world": params.world.model_dump()})
         for row in log.rows:  # a resumed run's earlier steps, so the MLflow run holds the whole curve
@@ -200,14 +207,12 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
     t0 = time.perf_counter()
     try:
         result = trainer.fit(run.path, callbacks=[log, Report()])
-        with atomic_path(p.variant(method)) as tmp:
-            save_trained(trainer.backbone, cfg.finetune, tmp / "adapter")  # LoRA file, or the whole transformer
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log.rows))
-            summary = {"method": method, "run_id": run_id, "steps": cfg.steps, "skipped": result["skipped"],
-                       "seconds": time.perf_counter() - t0, "final": result["last"] or (log.rows[-1] if log.rows else {}),
-                       "resumed_from": point.step if point.checkpoint else None, "resume": point.reason,
-                       "adapter_sha256": sha256_of(tmp / "adapter"), "config": cfg.model_dump(mode="json")}
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = _write_variant(params, method, trainer, log.rows, {
+            "method": method, "run_id": run_id, "steps": cfg.steps, "skipped": result["skipped"],
+            "seconds": time.perf_counter() - t0, "final": result["last"] or (log.rows[-1] if log.rows else {}),
+            "resumed_from": point.step if point.checkpoint else None, "resume": point.reason,
+            "processes": dist.world, "global_batch": trainer.layout.global_batch,
+            "accumulation": trainer.layout.accumulation, "config": cfg.model_dump(mode="json")})
     except BaseException:
         if tracker is not None:
             tracker.end_run(run_id, "FAILED")
@@ -222,6 +227,19 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
         with atomic_path(p.variant(method) / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         tracker.end_run(run_id)
+    return summary
+
+
+def _write_variant(params: Params, method: str, trainer, rows: list[dict], summary: dict) -> dict:
+    """The variant folder, whole or not at all: adapter (or transformer), per-step metrics, summary."""
+    from flowbp_ops.adapters import save_trained
+    from flowbp_ops.storage import sha256_of
+
+    with atomic_path(paths(params).variant(method)) as tmp:
+        save_trained(trainer.backbone, trainer.cfg.finetune, tmp / "adapter", trainer.trained_state())
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = {**summary, "adapter_sha256": sha256_of(tmp / "adapter")}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -404,7 +404,7 @@ def _damage(file: Path, how: str) -> None:
 def test_damaged_newest_checkpoint_falls_back(ws, how):
     run = ws / "data" / "runs" / "refl"
     older, newest = sorted((run / "checkpoints").glob("step-*"))
-    _damage(newest / ("weights.safetensors" if how == "truncate" else "state.pt"), how)
+    _damage(newest / "state.safetensors", how)
     code, err = cli("stage", "trained_variant", "--method", "refl")
     assert code == 0, err
     summary = json.loads((ws / "data" / "variants" / "refl" / "summary.json").read_text())
@@ -418,7 +418,7 @@ def test_train_resume_with_every_checkpoint_damaged(ws):
             "--set", "batch=1", "--set", "rollout_steps=4", "--set", "heldout_rewards=[]"]
     assert cli(*args)[0] == 0
     for ckpt in (ws / "r" / "checkpoints").glob("step-*"):
-        _damage(ckpt / "weights.safetensors", "flip")
+        _damage(ckpt / "state.safetensors", "flip")
     before = state(ws / "r")
     code, err = cli(*args, "--resume")
     refused(code, err, r"cannot resume r: every checkpoint is damaged")

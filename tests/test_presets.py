@@ -26,6 +26,9 @@ def test_preset_specifics_match_the_spec():
     assert (sd.rollouts.n_steps, sd.rollouts.guidance, sd.train.batch) == (40, 3.5, 8)
     assert (fl.rollouts.n_steps, fl.rollouts.guidance, fl.train.batch) == (50, 4.0, 8)
     assert get_preset("flux2/draft_lv").train.batch == 2 and get_preset("flux1/refl").train.batch == 4
+    # the authors' global batch (spec §6.3): per-GPU × 8 GPUs; FLUX.2 DRaFT-LV also 2 micro-batches
+    assert sd.train.global_batch == 64 and get_preset("flux1/refl").train.global_batch == 32
+    assert get_preset("flux2/draft_lv").train.global_batch == 32
     prompts = Path(hpdv2_eval_prompts()).read_text().splitlines()
     assert len(prompts) == 400 and all(prompts)  # the file holds 400 distinct prompts (the spec says 399)
     with pytest.raises(ValueError, match="unknown preset"):

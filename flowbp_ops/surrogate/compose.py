@@ -61,8 +61,10 @@ class SurrogateOutput:
 
 
 class Composer:
-    def __init__(self, plan: Plan, denoiser: Callable, cond: Any, cache: RolloutCache):
+    def __init__(self, plan: Plan, denoiser: Callable, cond: Any, cache: RolloutCache,
+                 sample_seeds: list[int] | None = None):
         self.plan, self.denoiser, self.cond, self.cache = plan, denoiser, cond, cache
+        self.sample_seeds = sample_seeds
         self.velocities: dict[int, Tensor] = {}
         self.states: dict[int, Tensor] = {}  # connected state at each segment boundary
         self.x_hat: dict[int, Tensor] = {}  # the composed (pre-connector) state at each boundary
@@ -138,19 +140,26 @@ class Composer:
         """DRaFT-LV: ``x' = (1−σ)·sg(y_0) + σ·ε_m``, ``y_m = x' − σ·v_θ(x')`` at the posterior step."""
         tau = self.plan.segments[-1].start
         sigma = self.plan.sigmas[tau]
-        gen = torch.Generator().manual_seed(self.plan.seed)
+        if self.sample_seeds is not None:  # per-sample draws: the same copies however the batch is split
+            gens = [torch.Generator().manual_seed(s) for s in self.sample_seeds]
+            draw = lambda: torch.stack([torch.randn(y0.shape[1:], generator=g) for g in gens])  # noqa: E731
+        else:
+            gen = torch.Generator().manual_seed(self.plan.seed)
+            draw = lambda: torch.randn(y0.shape, generator=gen)  # noqa: E731
         ys = [y0]
         for _ in range(self.plan.lv_copies):
-            eps = torch.randn(y0.shape, generator=gen).to(y0.device, y0.dtype)
+            eps = draw().to(y0.device, y0.dtype)
             x_prime = (1 - sigma) * y0.detach() + sigma * eps
             ys.append(x_prime - sigma * self._forward(x_prime, sigma))
         return torch.cat(ys), w.repeat(len(ys))
 
 
 def surrogate_step(
-    denoiser: Callable, plan: Plan, x0: Tensor | None, cond: Any, cache: RolloutCache | None = None
+    denoiser: Callable, plan: Plan, x0: Tensor | None, cond: Any, cache: RolloutCache | None = None,
+    sample_seeds: list[int] | None = None,
 ) -> SurrogateOutput:
     """Run one training step's forward: the rollout (unless a ``cache`` is given) and the composition.
+    ``sample_seeds``: one seed per sample for draws inside the step (DRaFT-LV's copies); default the plan's.
 
     With ``plan.one_pass`` the active forwards run inside the rollout (N forwards in all);
     otherwise the rollout is fully no-grad and the composition re-forwards (N + |A|).
@@ -163,10 +172,10 @@ def surrogate_step(
         if cache.n_steps != plan.n_steps or len(cache.v) < plan.rollout_steps:
             raise ValueError(f"the cached rollout has {len(cache.v)} of N={cache.n_steps} steps; "
                              f"the plan needs {plan.rollout_steps} of N={plan.n_steps}")
-        composer = Composer(plan, denoiser, cond, cache)
+        composer = Composer(plan, denoiser, cond, cache, sample_seeds)
         rollout_s = 0.0
     else:
-        composer = Composer(plan, denoiser, cond, RolloutCache(sigmas=np.asarray(plan.sigmas)))
+        composer = Composer(plan, denoiser, cond, RolloutCache(sigmas=np.asarray(plan.sigmas)), sample_seeds)
         rollout(denoiser, x0, composer.cache.sigmas, cond, steps=plan.rollout_steps,
                 active_velocity=composer.velocity if plan.one_pass else None,
                 active=set(plan.active), cache=composer.cache)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -25,7 +25,9 @@ class TrainConfig(BaseModel):
     backbone: str = "default"
     seed: int = 0
     steps: int = Field(200, ge=1, description="optimizer steps")
-    batch: int = Field(4, ge=1, description="prompts per step")
+    batch: int = Field(4, ge=1, description="samples per process per micro-batch (what fits one device)")
+    global_batch: int | None = Field(None, ge=1, description="samples per optimizer step over all processes; "
+                                     "micro-batches accumulate to reach it (None: batch × processes)")
     rollout_steps: int = Field(10, ge=1, description="N, sampling steps of the training rollout")
     guidance: float | None = Field(4.0, ge=0, description="real CFG scale (None: no CFG)")
     reward: RewardSpec = Field("align", description="training reward (registry name or 'a:0.7,b:0.3')")
@@ -44,6 +46,8 @@ class TrainConfig(BaseModel):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast of the forward (GPU)")
     gradient_checkpointing: bool = Field(False, description="recompute the transformer's activations in backward")
     ema: float | None = Field(0.95, ge=0, lt=1, description="EMA decay of the trained weights (None: off)")
+    ema_warmup: bool = Field(True, description="ramp the decay as min(ema, (1+t)/(10+t)); false: the fixed decay "
+                             "from step 1, as the authors")
     # robustness and bookkeeping
     checkpoint_every: int = Field(20, ge=1)
     keep_last: int = Field(2, ge=1)
@@ -74,6 +78,18 @@ class TrainConfig(BaseModel):
         if not all(0 <= b < 1 for b in value):
             raise ValueError(f"{list(value)}: each beta must be in [0, 1)")
         return value
+
+    # how a run is laid out, kept and how long it goes, not what each step computes: a run resumes across
+    # changes of these (steps=400 continues a finished 300-step run)
+    LAYOUT_FIELDS: ClassVar[tuple[str, ...]] = ("steps", "gradient_checkpointing", "checkpoint_every", "keep_last",
+                                                "max_bad_steps")
+
+    def identity(self) -> dict:
+        """The settings that define what a run computes (resume needs them equal). With ``global_batch`` set, the
+        per-process ``batch`` only lays the global batch out over processes and micro-batches, so a run moves
+        between 1 and 8 GPUs, or to a smaller micro-batch, and continues."""
+        drop = set(self.LAYOUT_FIELDS) | ({"batch"} if self.global_batch else set())
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in drop}
 
     def check_method(self) -> None:
         """The method's axes with ``method_overrides`` on this run's N (ConfigError naming the field)."""

@@ -1,28 +1,34 @@
-"""The training loop: any method preset on any backbone adapter and reward.
+"""The training loop: any method preset on any backbone adapter and reward, on one process or many.
 
-One step: draw prompts and noise, draw the method's plan, run the surrogate step (one-pass
-rollout + composition), decode, score, ``loss = mean w·relu(r_max − r)`` (or ``−w·r``),
-backward, clip, AdamW, EMA. LoRA through peft or full fine-tuning. Non-finite steps are
-skipped and counted; too many in a row stop the run with the last good checkpoint intact.
+One optimizer step: the method's plan (one draw, the same on every process), then for each
+micro-batch of this process (``training.batches``): its prompts and noise, the surrogate step
+(one-pass rollout + composition), decode, score, ``loss = mean w·relu(r_max − r)`` (or ``−w·r``)
+divided by the number of micro-batches, backward; then the gradients meet across processes
+(``training.distributed``), clip, AdamW, EMA. LoRA through peft or full fine-tuning (FSDP2 when
+there are several processes). Non-finite steps are skipped and counted; too many in a row stop the
+run with the last good checkpoint intact.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 import torch
-from diffusers.training_utils import EMAModel
 
 from flowbp_ops.methods import get_method
 from flowbp_ops.rewards.base import get_reward
 from flowbp_ops.surrogate.compose import surrogate_step
 from flowbp_ops.surrogate.config import ConfigError
 from flowbp_ops.surrogate.plan import build_plan
+from flowbp_ops.training import batches
 from flowbp_ops.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from flowbp_ops.training.config import TrainConfig
+from flowbp_ops.training.distributed import Dist
+from flowbp_ops.training.ema import EMA
 
 
 class NonFiniteError(RuntimeError):
@@ -53,14 +59,32 @@ def attach_trainable(backbone, cfg: TrainConfig) -> list[tuple[str, torch.nn.Par
     return [(n, p) for n, p in tr.named_parameters() if p.requires_grad]
 
 
-class Trainer:
-    """One training run. Building it checks and loads everything that can refuse (method, rewards, prompts,
-    the trainable weights); nothing is written before :meth:`fit`."""
+def shard(transformer: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """FSDP2 for full fine-tuning on several processes: ``fully_shard`` on every transformer block, then the root.
+    bf16 compute with float32 gradient reduction when training in bf16 (the float32 master weights are the
+    sharded parameters themselves)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    def __init__(self, cfg: TrainConfig, backbone, prompts: list[str], reward_kwargs: dict | None = None):
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if cfg.precision == "bf16" else MixedPrecisionPolicy()
+    blocks = [m for name, m in transformer.named_modules() if re.fullmatch(r"(transformer_blocks|"
+                                                                           r"single_transformer_blocks)\.\d+", name)]
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(transformer, mp_policy=policy)
+
+
+class Trainer:
+    """One training run on this process (one of ``dist.world``). Building it checks and loads everything that
+    can refuse (method, rewards, prompts, the batch layout, the trainable weights); nothing is written before
+    :meth:`fit`."""
+
+    def __init__(self, cfg: TrainConfig, backbone, prompts: list[str], reward_kwargs: dict | None = None,
+                 dist: Dist = Dist()):
         if not prompts:
             raise ValueError("training needs a non-empty prompt list (the prompt set's train split is empty)")
-        self.cfg, self.backbone, self.prompts = cfg, backbone, prompts
+        self.cfg, self.backbone, self.prompts, self.dist = cfg, backbone, prompts, dist
+        self.layout = batches.Layout.of(cfg.global_batch, cfg.batch, dist.world)
         self.method = get_method(cfg.method, cfg.backbone, cfg.rollout_steps, cfg.method_overrides)
         self.method.check(cfg.rollout_steps)
         self.sigmas = backbone.sigmas(cfg.rollout_steps)
@@ -69,63 +93,133 @@ class Trainer:
         reward_kwargs = {"device": self.device, **(reward_kwargs or {})}
         self.reward = get_reward(cfg.reward, **reward_kwargs)
         self.heldout = {n: get_reward(n, **reward_kwargs) for n in cfg.heldout_rewards}
-        self.named = attach_trainable(backbone, cfg)
+        attach_trainable(backbone, cfg)
+        self.sharded = cfg.finetune == "full" and dist.active
+        if self.sharded:
+            shard(backbone.transformer, cfg, self.device)
         if cfg.gradient_checkpointing:
             backbone.transformer.enable_gradient_checkpointing()
+        self.named = [(n, p) for n, p in backbone.transformer.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
+        if not self.sharded:
+            dist.broadcast_(self.params)  # replicated weights start as rank 0's
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                      weight_decay=cfg.weight_decay)
-        self.ema = EMAModel(self.params, decay=cfg.ema) if cfg.ema is not None else None
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.ema = EMA(self.params, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None
         self.step, self.skipped = 0, 0
 
-    def restore(self, checkpoint: Path) -> int:
-        """Weights, AdamW, EMA and RNG state from ``checkpoint`` (written by this config); returns its step."""
-        weights, state, meta = load_checkpoint(checkpoint)
-        if meta["config"] != self.cfg.model_dump(mode="json"):
+    # -- checkpoints --------------------------------------------------------------------------
+    def _optimizer_state(self):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.backbone.transformer, self.opt)  # by parameter name (FQN)
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """This process's view of the run's tensors (weights, AdamW state, EMA) by name, and the optimizer's
+        state dict they belong to (AdamW's state is created empty when the optimizer has not stepped yet)."""
+        osd = self._optimizer_state()
+        tensors = {f"model.{n}": p.detach() for n, p in self.named}
+        tensors.update({f"optim.{fqn}.{k}": v for fqn, st in osd["state"].items() for k, v in st.items()
+                        if isinstance(v, torch.Tensor)})
+        if self.ema is not None:
+            tensors.update({f"ema.{n}": s for (n, _), s in zip(self.named, self.ema.shadow)})
+        return tensors, osd
+
+    def restore(self, checkpoint: Path, meta: dict) -> int:
+        """Weights, AdamW and EMA from ``checkpoint`` (written by this config, on any number of processes);
+        returns its step. Data order and noise follow from the step alone."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        identity = self.cfg.identity()
+        if {k: meta["config"].get(k) for k in identity} != identity:
             raise ValueError(f"the checkpoint in {checkpoint} was written by a different config; resume with the "
                              "same one")
-        with torch.no_grad():
-            for n, p in self.named:
-                p.copy_(weights[n])
-        self.opt.load_state_dict(state["optimizer"])
+        tensors, osd = self.state_tensors()
+        load_checkpoint(checkpoint, tensors)
+        set_optimizer_state_dict(self.backbone.transformer, self.opt, osd)
+        self.step, self.skipped = int(meta["step"]), int(meta["skipped"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.gen.set_state(state["generator"])
-        self.step, self.skipped = state["step"], state["skipped"]
+            self.ema.steps = int(meta["ema_steps"])
         return self.step
+
+    def trained_state(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP2 the whole transformer's weights gathered on rank 0 (a collective: every rank calls it; None
+        elsewhere); None when the module holds them whole (save it directly)."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.backbone.transformer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return full if self.dist.main else None
+
+    def _save(self, run_dir: Path) -> None:
+        tensors, _ = self.state_tensors()
+        meta = {"config": self.cfg.model_dump(mode="json"), "step": self.step, "skipped": self.skipped,
+                "ema_steps": self.ema.steps if self.ema else 0, "global_batch": self.layout.global_batch}
+        save_checkpoint(run_dir, self.step, tensors, meta, self.cfg.keep_last, self.dist, self.sharded)
+
+    # -- one optimizer step ---------------------------------------------------------------------
+    def _micro_batch(self, denoiser, plan, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
+        """Forward and backward of one micro-batch of this process; returns its loss and summed metrics."""
+        cfg, backbone, layout = self.cfg, self.backbone, self.layout
+        qs = batches.slots(layout, micro, self.dist.rank)
+        prompts = [self.prompts[i] for i in batches.prompt_indices(cfg.seed, self.step, layout, qs, len(self.prompts))]
+        x0 = batches.noise(cfg.seed, self.step, qs, backbone.latent_shape(1)[1:]).to(self.device)
+        cond = backbone.conditioning(prompts, cfg.guidance)
+        if self.sharded:  # FSDP2 reduce-scatters once, after the last micro-batch
+            backbone.transformer.set_requires_gradient_sync(micro == layout.accumulation - 1)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = surrogate_step(denoiser, plan, x0, cond, sample_seeds=batches.sample_seeds(cfg.seed, self.step, qs))
+            images = backbone.decode(out.y)
+            scored = prompts * (1 + plan.lv_copies)
+            r = self.reward(images, scored).float()
+        per_sample = torch.relu(cfg.r_max - r) if cfg.loss == "hinge" else -r
+        loss = (out.w * per_sample).mean()
+        (loss / layout.accumulation).backward()
+        with torch.no_grad():
+            sums = {"reward": float(r.sum()), **{f"heldout/{n}": float(h(images.detach(), scored).sum())
+                                                  for n, h in self.heldout.items()}}
+        diag = out.diagnostics()
+        self.plan_info = {k: v for k, v in diag.items() if not isinstance(v, (int, float))}  # the plan: same on all
+        numeric = {f"diag:{k}": float(v) for k, v in diag.items() if isinstance(v, (int, float))}
+        return loss.detach(), {**sums, **numeric}, len(scored)
 
     def fit(self, run_dir: str | Path, callbacks: Iterable[Callback] = (), stop_after: int | None = None
             ) -> dict[str, Any]:
-        """Train ``backbone.transformer`` in place from :attr:`step`; checkpoints under ``run_dir/checkpoints``."""
-        cfg, backbone, device, gen = self.cfg, self.backbone, self.device, self.gen
+        """Train ``backbone.transformer`` in place from :attr:`step`; checkpoints under ``run_dir/checkpoints``.
+        Callbacks run on rank 0 only, with metrics over the whole global batch."""
+        cfg, dist, layout = self.cfg, self.dist, self.layout
         run_dir = Path(run_dir)
-        denoiser = backbone.denoiser(cfg.guidance)
+        denoiser = self.backbone.denoiser(cfg.guidance)
         bad, last = 0, {}
-        for step in range(self.step, cfg.steps):
+        while self.step < cfg.steps:
+            step = self.step
             if stop_after is not None and step >= stop_after:
                 break
             t0 = time.perf_counter()
-            idx = torch.randint(0, len(self.prompts), (cfg.batch,), generator=gen)
-            batch_prompts = [self.prompts[i] for i in idx.tolist()]
-            x0 = torch.randn(backbone.latent_shape(cfg.batch), generator=gen).to(device)  # CPU RNG: any device
-            plan = build_plan(self.method, self.sigmas, seed=cfg.seed * 1_000_003 + step)
-            cond = backbone.conditioning(batch_prompts, cfg.guidance)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                out = surrogate_step(denoiser, plan, x0, cond)
-                images = backbone.decode(out.y)
-                scored_prompts = batch_prompts * (1 + plan.lv_copies)
-                r = self.reward(images, scored_prompts).float()
-            per_sample = torch.relu(cfg.r_max - r) if cfg.loss == "hinge" else -r
-            loss = (out.w * per_sample).mean()
-            t_fwd = time.perf_counter()
+            plan = build_plan(self.method, self.sigmas, seed=batches.plan_seed(cfg.seed, step))
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum, totals, n_scored = 0.0, {}, 0
+            for micro in range(layout.accumulation):
+                loss, sums, n = self._micro_batch(denoiser, plan, micro)
+                loss_sum += float(loss)
+                n_scored += n
+                for k, v in sums.items():
+                    totals[k] = totals.get(k, 0.0) + v
+            t_fwd = time.perf_counter()
+            if not self.sharded:
+                dist.average_gradients(self.params)
+            t_sync = time.perf_counter() - t_fwd  # LoRA's all-reduce (FSDP2 reduce-scatters inside the backward)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            grad_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             t_bwd = time.perf_counter()
-            loss_value, grad_value = loss.item(), grad_norm.item()
+            keys = sorted(totals)
+            summed = dist.sum([loss_sum, n_scored, *[totals[k] for k in keys]], self.device)
+            micro_batches = layout.accumulation * dist.world
+            loss_value, n_all = summed[0] / micro_batches, summed[1]
             if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-                self.skipped, bad = self.skipped + 1, bad + 1
+                self.skipped, bad, self.step = self.skipped + 1, bad + 1, step + 1
                 self.opt.zero_grad(set_to_none=True)
                 if bad >= cfg.max_bad_steps:
                     kept = list_checkpoints(run_dir)
@@ -136,35 +230,35 @@ class Trainer:
             bad = 0
             self.opt.step()
             if self.ema is not None:
-                self.ema.step(self.params)
-            with torch.no_grad():
-                held = {n: float(h(images.detach(), scored_prompts).mean()) for n, h in self.heldout.items()}
-            last = {"loss": loss_value, "reward": r.mean().item(), **{f"heldout/{k}": v for k, v in held.items()},
-                    "grad_norm": grad_value, "skipped": self.skipped, **out.diagnostics(),
-                    "time_step": time.perf_counter() - t0, "time_forward": t_fwd - t0, "time_backward": t_bwd - t_fwd}
-            for cb in callbacks:
-                cb.on_step(step, last)
+                self.ema.update(self.params)
+            metrics = {k.removeprefix("diag:"): v / (micro_batches if k.startswith("diag:") else n_all)
+                       for k, v in zip(keys, summed[2:])}
+            last = {"loss": loss_value, "reward": metrics.pop("reward"), **metrics, **self.plan_info,
+                    "grad_norm": grad_value,
+                    "skipped": self.skipped, "time_step": time.perf_counter() - t0,
+                    "time_forward_backward": t_fwd - t0, "time_sync": t_sync, "time_clip": t_bwd - t_fwd - t_sync}
             self.step = step + 1
+            if dist.main:
+                for cb in callbacks:
+                    cb.on_step(step, last)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                state = {"optimizer": self.opt.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                         "generator": gen.get_state(), "step": self.step, "skipped": self.skipped}
-                save_checkpoint(run_dir, self.step, dict(self.named), state,
-                                {"config": cfg.model_dump(mode="json"), "step": self.step}, cfg.keep_last)
+                self._save(run_dir)
         if self.ema is not None:
             self.ema.copy_to(self.params)  # evaluate (and save) the EMA weights
         return {"last": last, "skipped": self.skipped, "steps": cfg.steps}
 
 
 def train(cfg: TrainConfig, backbone, prompts: list[str], run_dir: str | Path, callbacks: Iterable[Callback] = (),
-          resume: bool = False, stop_after: int | None = None, reward_kwargs: dict | None = None) -> dict[str, Any]:
+          resume: bool = False, stop_after: int | None = None, reward_kwargs: dict | None = None,
+          dist: Dist = Dist()) -> dict[str, Any]:
     """Train ``backbone.transformer`` in place; with ``resume`` from the newest intact checkpoint of ``run_dir``."""
     from flowbp_ops.training.run_dir import RunDir
 
-    trainer = Trainer(cfg, backbone, prompts, reward_kwargs)
+    trainer = Trainer(cfg, backbone, prompts, reward_kwargs, dist)
     if resume:
-        point = RunDir(run_dir).resume_point(cfg.model_dump(mode="json"))
+        point = RunDir(run_dir).resume_point(cfg.identity(), dist=dist)
         if point.checkpoint is None:
             raise ConfigError(f"cannot resume {run_dir}: {point.reason}; resume with the settings it was started "
                               "with, or start it over")
-        trainer.restore(point.checkpoint)
+        trainer.restore(point.checkpoint, point.meta)
     return trainer.fit(run_dir, callbacks, stop_after)

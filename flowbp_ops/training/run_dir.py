@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from flowbp_ops.atomic import atomic_path, remove
-from flowbp_ops.training.checkpoint import latest_intact, list_checkpoints, read_meta
+from flowbp_ops.training.checkpoint import latest_intact, list_checkpoints
+from flowbp_ops.training.distributed import Dist
 
 
 @dataclass
@@ -24,6 +25,7 @@ class ResumePoint:
     step: int
     reason: str  # why it resumes or starts over, for logs and stage metadata
     passed_over: list[str] = field(default_factory=list)  # damaged newer checkpoints
+    meta: dict = field(default_factory=dict)  # the checkpoint's meta.json
 
 
 def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -44,22 +46,27 @@ class RunDir:
         ckpts = list_checkpoints(self.path)
         return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
 
-    def resume_point(self, config: dict[str, Any], base: str | None = None) -> ResumePoint:
-        """Where a run with ``config`` (and ``base``, when given) continues, and why."""
+    def resume_point(self, config: dict[str, Any], base: str | None = None, dist: Dist = Dist()) -> ResumePoint:
+        """Where a run whose settings' identity (``TrainConfig.identity()``) is ``config`` (on ``base``, when given)
+        continues, and why (the same answer on every process: each checks its share of the files)."""
         if not list_checkpoints(self.path):
             return ResumePoint(None, 0, "no checkpoint")
-        ckpt, passed = latest_intact(self.path)
+        ckpt, passed = latest_intact(self.path, dist)
         if ckpt is None:
             return ResumePoint(None, 0, "every checkpoint is damaged", passed)
-        meta = read_meta(ckpt)
+        meta = json.loads((ckpt / "meta.json").read_text())
         if base is not None and (not self.base_file.exists() or self.base_file.read_text() != base):
             return ResumePoint(None, 0, "the base model changed", passed)
-        if meta["config"] != config:
-            diff = "; ".join(_changed(meta["config"], config))
+        written = {k: meta.get("config", {}).get(k) for k in config}  # compared on what defines the run now
+        if written != config:
+            diff = "; ".join(_changed(written, config))
             return ResumePoint(None, 0, f"the config changed ({diff})", passed)
         why = f"resumed at step {meta['step']}" + (f" (passed over {len(passed)} damaged newer checkpoint(s))"
                                                     if passed else "")
-        return ResumePoint(ckpt, int(meta["step"]), why, passed)
+        if meta.get("world_size", 1) != dist.world:
+            why += (f"; written on {meta.get('world_size', 1)} process(es), resumed on {dist.world}: the same weights, "
+                    "optimizer state and data order (the batch layout is per step), float sums in another order")
+        return ResumePoint(ckpt, int(meta["step"]), why, passed, meta)
 
     def start(self, base: str | None = None) -> None:
         """Clear the folder for a new run (call only once everything that can refuse has been checked)."""
