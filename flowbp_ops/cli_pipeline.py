@@ -7,50 +7,61 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-STAGE_NAMES = ("prompt_sets", "reward_models", "base_model", "cached_rollouts", "trained_variant", "evaluation",
-               "method_comparison", "promoted_model")
-TRACKED = ("trained_variant", "evaluation", "method_comparison", "promoted_model")
+PIPES_PARAMS = "dagster-pipes"  # --params value: the settings come from the Dagster run that launched this process
 
 
-def _params(args):
-    from flowbp_ops.params import load_params
+def _params(args, pipes=None):
+    from flowbp_ops.params import load_params, params_from
 
+    if args.params == PIPES_PARAMS:
+        if pipes is None:
+            from flowbp_ops.surrogate.config import ConfigError
+
+            raise ConfigError(f"--params {PIPES_PARAMS} is for processes Dagster launches through Pipes")
+        return params_from(pipes.extras["params"], args.set, "Dagster run config")
     return load_params(args.params, args.set)
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    from flowbp_ops import stages
-    from flowbp_ops.methods import METHODS
-    from flowbp_ops.surrogate.config import ConfigError
+    from flowbp_ops.stages.runner import pipes_session
 
     if args.method_of_dvc_stage:
         args.method = _dvc_item(args.name)
-    params = _params(args)
-    per_method = args.name in ("trained_variant", "evaluation")
-    if per_method and args.method not in METHODS:
-        raise ConfigError(f"stage {args.name} needs --method, one of {', '.join(METHODS)}")
-    if not per_method and args.method:
-        raise ConfigError(f"stage {args.name} is not per method: drop --method")
-    from contextlib import nullcontext
+    with pipes_session() as pipes:
+        return _stage(args, pipes)
 
-    from flowbp_ops.locks import stage_lock
+
+def _stage(args: argparse.Namespace, pipes) -> int:
+    from flowbp_ops.methods import METHODS
+    from flowbp_ops.stages.graph import BY_NAME
+    from flowbp_ops.stages.runner import PipesLog, report, run_stage
+    from flowbp_ops.store import from_env
+    from flowbp_ops.surrogate.config import ConfigError
     from flowbp_ops.training import distributed
 
+    stage = BY_NAME[args.name]
+    params = _params(args, pipes)
+    if stage.per_method and args.method not in METHODS:
+        raise ConfigError(f"stage {args.name} needs --method, one of {', '.join(METHODS)}")
     if distributed.under_torchrun() and args.name != "trained_variant":
         raise ConfigError(f"stage {args.name} runs in one process: only trained_variant runs under torchrun / --nproc")
     dist, device = distributed.setup(params.device) if args.name == "trained_variant" else (distributed.Dist(), None)
-    kwargs = {"dist": dist} if dist.active else {}
-    if args.name in TRACKED and dist.main:
-        from flowbp_ops.tracking import Tracker
+    try:
+        pipes = pipes if dist.main else None  # one process reports to Dagster
+        store = from_env(args.store)
+        tracker = None
+        if stage.tracked and dist.main:
+            from flowbp_ops.tracking import Tracker
 
-        kwargs["tracker"] = Tracker(params.tracking)
-    fn = getattr(stages, args.name)
-    try:  # rank 0 holds the variant's lock; a second run's rank 0 is refused and torchrun stops its other ranks
-        with stage_lock(params.data_dir, args.name, args.method) if dist.main else nullcontext(), \
-                _placed(params if not dist.active else params.model_copy(update={"device": device})) as params:
-            meta = fn(params, args.method, **kwargs) if per_method else fn(params, **kwargs)
+            tracker = Tracker(params.tracking)
+        callbacks = (PipesLog(pipes, f"{args.name}[{args.method}]", params.train.steps),) if pipes else ()
+        with _placed(params if not dist.active else params.model_copy(update={"device": device})) as placed:
+            meta, checks = run_stage(args.name, placed, args.method, tracker=tracker, dist=dist, store=store,
+                                     callbacks=callbacks, tags=pipes.extras.get("tags") if pipes else None)
     finally:
         distributed.teardown()
+    if pipes is not None:
+        report(pipes, stage, meta, checks)
     if dist.main:
         print(json.dumps(meta, indent=2, default=str))
     return 0
@@ -106,13 +117,13 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     if args.pipeline_command == "dvc-yaml":
         from flowbp_ops.params import load_params
-        from pipelines.graph import dvc_yaml
+        from flowbp_ops.stages.graph import dvc_yaml
 
         text = dvc_yaml(load_params(args.params))  # outputs where this params file puts them
         if args.check:
             current = Path(args.out).read_text() if Path(args.out).exists() else ""
             if current != text:
-                raise ValueError(f"{args.out} differs from pipelines/graph.py and {args.params}: "
+                raise ValueError(f"{args.out} differs from flowbp_ops/stages/graph.py and {args.params}: "
                                  "run `flowbp pipeline dvc-yaml`")
             return 0
         Path(args.out).write_text(text)
@@ -157,10 +168,14 @@ def add_commands(sub) -> None:
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override params.yaml, e.g. train.lr=3e-4 (repeatable)")
 
+    from flowbp_ops.stages.graph import STAGES
+
     s = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml and the Dagster assets call)")
-    s.add_argument("name", choices=STAGE_NAMES)
+    s.add_argument("name", choices=[st.name for st in STAGES])
     s.add_argument("--method", default=None)
     s.add_argument("--method-of-dvc-stage", action="store_true", help="take the method from DVC_STAGE (dvc.yaml)")
+    s.add_argument("--store", default=None, help="shared store s3://bucket/prefix: pull the stage's inputs, push its "
+                   "outputs (default: $FLOWBP_STORE; none: local files only)")
     common(s)
     launch_args(s)
     s.set_defaults(func=_cmd_stage)
@@ -182,7 +197,7 @@ def add_commands(sub) -> None:
     r = psub.add_parser("run", help="materialize the default chain (prepare, each method, compare, promote)")
     common(r)
     r.set_defaults(func=_cmd_pipeline)
-    d = psub.add_parser("dvc-yaml", help="write dvc.yaml from pipelines/graph.py")
+    d = psub.add_parser("dvc-yaml", help="write dvc.yaml from flowbp_ops/stages/graph.py")
     d.add_argument("--out", default="dvc.yaml")
     d.add_argument("--check", action="store_true", help="fail if the file differs")
     d.add_argument("--params", default="params.yaml", help="the settings it is written for (world_dir, base model)")

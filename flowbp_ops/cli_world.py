@@ -177,7 +177,7 @@ def _train_backbone(args, params, device: str):
 
     if params is None:
         return DefaultBackbone(Path(args.world), device=device), Path(args.world)
-    return stages._backbone(params.model_copy(update={"device": device})), Path(params.world_dir)
+    return stages.backbone_of(params.model_copy(update={"device": device})), Path(params.world_dir)
 
 
 def _preset_params(args: argparse.Namespace):

@@ -87,8 +87,9 @@ def s3_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except (be.BotoCoreError, be.ClientError) as exc:
-        if isinstance(exc, be.ClientError) and exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
-            raise SourceError(f"{uri!r}: no such bucket; check the URI (and AWS_ENDPOINT_URL_S3)") from None
+        code = exc.response.get("Error", {}).get("Code") if isinstance(exc, be.ClientError) else None
+        if code in ("NoSuchBucket", "404", "NoSuchKey"):
+            raise SourceError(f"{uri!r}: no such bucket or key; check the URI (and AWS_ENDPOINT_URL_S3)") from None
         raise SourceError(f"{uri!r}: {describe(exc)[0]}") from None
 
 

@@ -1,12 +1,12 @@
 # no `from __future__ import annotations`: Dagster resolves the config and resource annotations at runtime
-"""Dagster definitions: one asset per stage of ``pipelines/graph.py``, each a thin call into
-``flowbp_ops.stages`` that returns the stage's metadata (counts, checksums, timings, MLflow link,
-tables and plots). Start the UI with ``dagster dev -m pipelines.definitions`` (127.0.0.1).
+"""Dagster definitions derived from the stage graph (``flowbp_ops/stages/graph.py``): one asset per stage, its
+checks, its partitions and its job. CPU stages run in the Dagster process; GPU stages (rollouts, training,
+evaluation) run ``flowbp stage …`` as their own process through Dagster Pipes — a subprocess here, a
+Kubernetes pod on a cluster (the ``launcher`` resource) — which streams its per-step log lines, its
+materialization and its asset checks back. Start the UI with ``dagster dev -m pipelines.definitions``.
 """
 
-
 import base64
-from contextlib import nullcontext
 import json
 import math
 from pathlib import Path
@@ -14,21 +14,14 @@ from typing import Any
 
 import dagster as dg
 
-from flowbp_ops import stages
 from flowbp_ops.methods import METHODS
+from flowbp_ops.stages.graph import JOBS, STAGES, Stage, sections
 from pipelines.config import apply, stage_config
-from pipelines.graph import STAGES, Stage, stage_outputs
-from pipelines.resources import ComputeResource, MlflowResource, StorageResource
+from pipelines.resources import ComputeResource, LauncherResource, MlflowResource, StorageResource
 
 METHOD_PARTITIONS = dg.StaticPartitionsDefinition(list(METHODS))
-# GPU executors (Kubernetes): one GPU per training / evaluation op; one machine: the `gpu` pool limits them
-GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
-CHECKS = {
-    "trained_variant": [("finite_weights", "every trained adapter weight is finite")],
-    "evaluation": [("reward_improved", "training reward on held-out prompts beats the base model"),
-                   ("heldout_not_collapsed", "held-out rewards did not fall more than the tolerance (reward hacking)"),
-                   ("diversity_not_collapsed", "samples per prompt stay diverse (mode collapse)")],
-}
+# training resumes from its checkpoints, so retrying it loses nothing
+TRAIN_RETRY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
 
 
 def _image_md(path: Path) -> dg.MetadataValue:
@@ -49,77 +42,89 @@ def _metadata(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _run(stage: Stage, context: dg.AssetExecutionContext, params, mlflow: MlflowResource, compute: ComputeResource):
-    """Call the stage's library function; returns (metadata, check results)."""
-    from flowbp_ops.locks import stage_lock
+def _extra_metadata(stage: Stage, params, method: str | None, mlflow: MlflowResource, meta: dict) -> dict:
+    """What users look at, added on the Dagster side: sample grids, the comparison's plots, the MLflow link."""
+    from flowbp_ops.stages import paths
 
-    device, precision = compute.resolve(params)
-    method = context.partition_key if stage.per_method else None
-    with stage_lock(params.data_dir, stage.name, method), \
-            compute.placed(device) if stage.gpu else nullcontext(device) as device:
-        params = params.model_copy(update={"device": device,
-                                           "train": params.train.model_copy(update={"precision": precision})})
-        return _call(stage, context, params, mlflow)
-
-
-def _call(stage: Stage, context: dg.AssetExecutionContext, params, mlflow: MlflowResource):
-    method = context.partition_key if stage.per_method else None
-    tags = {"dagster.run_id": context.run.run_id, "dagster.partition": method or ""}
-    tracker = mlflow.tracker(params.tracking) if stage.name in ("trained_variant", "evaluation", "method_comparison",
-                                                 "promoted_model") else None
-    if stage.name == "trained_variant":
-        meta = stages.trained_variant(params, method, tracker, tags)
-        finite = stages.finite_weights(stages.paths(params).variant(method) / "adapter")
-        checks = [dg.AssetCheckResult(check_name="finite_weights", passed=finite["passed"], metadata=finite)]
-        return {**meta, "mlflow_run": mlflow.run_url(tracker, meta.get("run_id"))}, checks
+    extra = {}
     if stage.name == "evaluation":
-        meta = stages.evaluation(params, method, tracker)
-        checks = [dg.AssetCheckResult(check_name=g, passed=bool(r["passed"]), metadata=_metadata(r))
-                  for g, r in meta["gates"].items()]
-        samples = stages.paths(params).evaluation(method) / "samples.png"
-        return {**meta, "samples": _image_md(samples), "mlflow_run": mlflow.run_url(tracker, meta.get("run_id"))}, checks
+        extra["samples"] = _image_md(paths(params).evaluation(method) / "samples.png")
     if stage.name == "method_comparison":
-        meta = stages.method_comparison(params, tracker)
-        out = stages.paths(params).comparison
-        return {"table": dg.MetadataValue.md(meta["table"]), "reward_change": _image_md(out / "comparison.png"),
-                "curves": _image_md(out / "curves.png"), "variants": list(meta["variants"])}, []
-    if stage.name == "promoted_model":
-        return stages.promoted_model(params, tracker), []
-    return getattr(stages, stage.name)(params), []
+        out = paths(params).comparison
+        extra.update(table=dg.MetadataValue.md(meta["table"]), reward_change=_image_md(out / "comparison.png"),
+                     curves=_image_md(out / "curves.png"))
+    if stage.tracked and meta.get("run_id"):
+        extra["mlflow_run"] = mlflow.run_url(params.tracking, meta["run_id"])
+    return extra
+
+
+def _in_process(stage: Stage, context, params, mlflow: MlflowResource, storage: StorageResource):
+    from flowbp_ops.stages.runner import run_stage
+
+    method = context.partition_key if stage.per_method else None
+    tracker = mlflow.tracker(params.tracking) if stage.tracked else None
+    meta, checks = run_stage(stage.name, params, method, tracker=tracker, store=storage.store(),
+                             tags={"dagster.run_id": context.run.run_id, "dagster.partition": method or ""})
+    if stage.name == "method_comparison":
+        meta = {"variants": list(meta["variants"]), "table": meta["table"], "run_id": meta.get("run_id")}
+    meta = {**_metadata(meta), **_extra_metadata(stage, params, method, mlflow, meta)}
+    results = [dg.AssetCheckResult(check_name=c["name"], passed=c["passed"], metadata=_metadata(c["metadata"]))
+               for c in checks]
+    return dg.MaterializeResult(metadata=meta, check_results=results or None)
+
+
+def _external(stage: Stage, context, params, launcher: LauncherResource, storage: StorageResource,
+              compute: ComputeResource, mlflow: MlflowResource):
+    """``flowbp stage NAME`` as its own process through Pipes; the settings travel as Pipes extras."""
+    method = context.partition_key if stage.per_method else None
+    device, precision = compute.resolve(params, local=launcher.mode == "subprocess")
+    params = params.model_copy(update={"train": params.train.model_copy(update={"precision": precision}),
+                                       "tracking": mlflow.settings(params.tracking)})
+    with compute.visible_gpus(device) as (env, device):
+        params = params.model_copy(update={"device": device})
+        extras = {"params": params.model_dump(mode="json"),
+                  "tags": {"dagster.run_id": context.run.run_id, "dagster.partition": method or ""}}
+        env.update(storage.env())
+        results = launcher.run(context, stage.name, method, compute.processes if stage.name == "trained_variant"
+                               else 1, extras, env)
+    for r in results:
+        if isinstance(r, dg.MaterializeResult):
+            raw = {k: getattr(v, "value", v) for k, v in (r.metadata or {}).items()}
+            r = dg.MaterializeResult(metadata={**(r.metadata or {}), **_extra_metadata(stage, params, method, mlflow,
+                                                                                         raw)})
+        yield r
 
 
 def make_asset(stage: Stage) -> dg.AssetsDefinition:
-    sections = sorted({p.split(".")[0] for p in stage.params} | {"world_dir", "data_dir"})
-    config_cls = stage_config(stage.name, sections)
+    config_cls = stage_config(stage.name, sections(stage))
     check_specs = [dg.AssetCheckSpec(name, asset=stage.name, description=desc, blocking=True)
-                   for name, desc in CHECKS.get(stage.name, [])]
+                   for name, desc in stage.checks]
 
     @dg.asset(name=stage.name, description=stage.description, group_name="flowbp",
               deps=list(stage.deps), partitions_def=METHOD_PARTITIONS if stage.per_method else None,
               check_specs=check_specs or None, pool="gpu" if stage.gpu else None,
-              op_tags=GPU_TAGS if stage.gpu else None, kinds={"pytorch"} if stage.gpu else {"python"})
+              retry_policy=TRAIN_RETRY if stage.name == "trained_variant" else None,
+              kinds={"pytorch"} if stage.gpu else {"python"})
     def _asset(context: dg.AssetExecutionContext, config: config_cls, mlflow: MlflowResource,
-               storage: StorageResource, compute: ComputeResource):
+               storage: StorageResource, compute: ComputeResource, launcher: LauncherResource):
         params = apply(config)
-        meta, checks = _run(stage, context, params, mlflow, compute)
-        outs = stage_outputs(stage, params, context.partition_key if stage.per_method else None)
-        published = storage.publish([p for p in outs if p.exists()])
-        if published:
-            meta["published"] = published
-        return dg.MaterializeResult(metadata=_metadata(meta), check_results=checks or None)
+        if stage.gpu:
+            yield from _external(stage, context, params, launcher, storage, compute, mlflow)
+        else:
+            yield _in_process(stage, context, params, mlflow, storage)
 
     return _asset
 
 
 ASSETS = [make_asset(s) for s in STAGES]
-RESOURCES = {"mlflow": MlflowResource(), "storage": StorageResource(), "compute": ComputeResource()}
+RESOURCES = {"mlflow": MlflowResource(), "storage": StorageResource(), "compute": ComputeResource(),
+             "launcher": LauncherResource()}
+JOB_DESCRIPTIONS = {"prepare": "prompt sets, reward models, base model, cached rollouts",
+                    "variant": "train and evaluate one method", "compare_and_promote": "compare the methods, promote"}
 
 defs = dg.Definitions(
     assets=ASSETS,
     resources=RESOURCES,
-    jobs=[dg.define_asset_job("prepare", selection=[s.name for s in STAGES[:4]],
-                              description="prompt sets, reward models, base model, cached rollouts"),
-          dg.define_asset_job("variant", selection=[s.name for s in STAGES if s.per_method],
-                              partitions_def=METHOD_PARTITIONS, description="train and evaluate one method"),
-          dg.define_asset_job("compare_and_promote", selection=[s.name for s in STAGES[-2:]])],
+    jobs=[dg.define_asset_job(name, selection=[s.name for s in members], description=JOB_DESCRIPTIONS.get(name))
+          for name, members in JOBS.items()],
 )

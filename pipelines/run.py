@@ -13,6 +13,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from flowbp_ops.stages.graph import BY_NAME, JOBS, sections
+
 
 def run_chain(params_file: str | Path = "params.yaml", overrides: list[str] = ()) -> dict:
     from flowbp_ops.params import load_params
@@ -39,17 +41,18 @@ def run_chain(params_file: str | Path = "params.yaml", overrides: list[str] = ()
               f"{'ok' if res.success else 'FAILED'} in {time.perf_counter() - t0:.0f} s", flush=True)
         return {"success": res.success, "run_id": res.run_id, "checks": checks}
 
-    out = {"prepare": go(["prompt_sets", "reward_models", "base_model", "cached_rollouts"])}
-    if not out["prepare"]["success"]:
-        return {"success": False, **out}
-    out["variants"] = {m: go(["trained_variant", "evaluation"], m) for m in params.methods}
-    out["compare_and_promote"] = go(["method_comparison", "promoted_model"])
-    out["success"] = out["compare_and_promote"]["success"]
+    out: dict = {}
+    for job, members in JOBS.items():  # the graph's jobs in order; the per-method one for each method
+        names = [s.name for s in members]
+        if any(s.per_method for s in members):
+            out["variants"] = {m: go(names, m) for m in params.methods}
+        else:
+            out[job] = go(names)
+            if not out[job]["success"]:
+                return {"success": False, **out}
+    out["success"] = True
     return out
 
 
 def _sections(asset) -> list[str]:
-    from pipelines.graph import BY_NAME
-
-    stage = BY_NAME[asset.key.path[-1]]
-    return sorted({p.split(".")[0] for p in stage.params} | {"world_dir", "data_dir"})
+    return sections(BY_NAME[asset.key.path[-1]])

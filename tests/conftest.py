@@ -98,6 +98,46 @@ def s3_bucket(s3_endpoint):
     return s3, bucket
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_endpoint):
+    """A real MLflow tracking server on 127.0.0.1 with its artifacts on the S3 endpoint."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    import uuid
+    from pathlib import Path
+
+    from flowbp_ops.storage import s3_client
+
+    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+    s3_client().create_bucket(Bucket=bucket)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path_factory.mktemp("mlflow") / "server.db"
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    proc = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination",
+                             f"s3://{bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).read()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start within 60 s")
+    yield url, bucket
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
 # --------------------------------------------------------------------------------------------
 # A stub OpenAI-compatible server
 # --------------------------------------------------------------------------------------------

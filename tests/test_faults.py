@@ -284,7 +284,7 @@ def test_confined_refuses_a_symlink_out(tmp_path):
 @fault(3, "a generated dvc.yaml for a data_dir with shell characters", "no setting reaches any stage's cmd")
 def test_dvc_yaml_commands_carry_no_setting():
     from flowbp_ops.params import Params
-    from pipelines.graph import dvc_yaml
+    from flowbp_ops.stages.graph import dvc_yaml
 
     stages = yaml.safe_load(dvc_yaml(Params(data_dir="d;touch x", world_dir="w$(id)")))["stages"]
     for name, body in stages.items():

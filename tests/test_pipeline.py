@@ -88,7 +88,7 @@ def test_prompt_sets_from_files_and_s3(tmp_path, s3_bucket):
 
 def test_one_graph_for_dagster_and_dvc():
     from pipelines.definitions import ASSETS, defs
-    from pipelines.graph import STAGES, dvc_yaml
+    from flowbp_ops.stages.graph import STAGES, dvc_yaml
 
     assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), "dvc.yaml drifted: run `flowbp pipeline dvc-yaml`"
     graph = defs.resolve_asset_graph()
@@ -141,11 +141,15 @@ def chain(tmp_path_factory):
     params_file.write_text(yaml.safe_dump(smoke_params(root)))
     from pipelines.run import run_chain
 
+    home = root / "dagster"  # an instance of its own, whose event log the tests read
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     old = os.environ.get("DAGSTER_HOME")
-    os.environ.pop("DAGSTER_HOME", None)  # an ephemeral instance
+    os.environ["DAGSTER_HOME"] = str(home)
     try:
         result = run_chain(params_file)
     finally:
+        os.environ.pop("DAGSTER_HOME")
         if old:
             os.environ["DAGSTER_HOME"] = old
     return root, load_params(params_file), result
@@ -186,6 +190,49 @@ def test_chain_materializes_every_stage_and_tracks_in_mlflow(chain):
     assert {v.run_id for v in versions} == {runs[m].info.run_id for m in params.methods}
 
 
+def test_gpu_stages_run_through_pipes_and_report_back(chain):
+    """Training and evaluation ran as their own processes (Dagster Pipes): their per-step log lines, their
+    materialization metadata and their asset checks are in the Dagster run."""
+    import dagster as dg
+
+    root, params, result = chain
+    instance = dg.DagsterInstance.from_config(str(root / "dagster"))
+    run_id = result["variants"]["flowbp_sparse"]["run_id"]
+    messages = [e.user_message for e in instance.all_logs(run_id)]
+    assert any("trained_variant[flowbp_sparse] step 2/2 reward=" in m for m in messages), messages[-20:]
+    assert any("Launched" in m or "pipes" in m.lower() for m in messages)
+    mat = instance.get_latest_materialization_event(dg.AssetKey("trained_variant"))
+    assert mat is not None and "adapter_sha256" in mat.asset_materialization.metadata
+    checks = result["variants"]["flowbp_sparse"]["checks"]
+    assert set(checks) == {"finite_weights", "reward_improved", "heldout_not_collapsed", "diversity_not_collapsed"}
+
+
+def test_kubernetes_pod_spec_validates(monkeypatch):
+    """The cluster path, built and validated by dagster-k8s and the kubernetes client's models (no cluster)."""
+    from dagster_k8s.pipes import build_pod_body
+
+    from pipelines.launch import command, pod_spec
+    from pipelines.resources import LauncherResource
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-value")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio:9000")
+    launcher = LauncherResource(mode="kubernetes", image="registry.example/flowbp:1", namespace="ml",
+                                env_secrets=["flowbp-s3", "flowbp-mlflow"], node_selector={"gpu": "h100"})
+    spec, env = pod_spec(launcher, 8, {"FLOWBP_STORE": "s3://bucket/team", "AWS_SECRET_ACCESS_KEY": "leak"})
+    cmd = command("trained_variant", "flowbp_lagrange", 8, python="python")
+    pod = build_pod_body("flowbp-train", launcher.image, cmd, env, None, spec)
+    container = pod.spec.containers[0]
+    assert container.resources.limits["nvidia.com/gpu"] == "8" and container.image == launcher.image
+    assert [e.secret_ref.name for e in container.env_from] == ["flowbp-s3", "flowbp-mlflow"]
+    literal = {e.name: e.value for e in container.env}
+    assert literal["FLOWBP_STORE"] == "s3://bucket/team" and literal["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    assert "s3cret-value" not in str(pod.to_dict()) and "leak" not in str(pod.to_dict())
+    assert container.command[-6:] == ["--params", "dagster-pipes", "--method", "flowbp_lagrange", "--nproc", "8"]
+    assert pod.spec.node_selector == {"gpu": "h100"} and pod.spec.restart_policy == "Never"
+    with pytest.raises(ValueError, match="launcher.image"):
+        pod_spec(LauncherResource(mode="kubernetes"), 1, {})
+
+
 def test_promotion_gates_aliases_and_rollback(chain):
     import mlflow
 
@@ -220,25 +267,15 @@ def test_stage_cli_refuses_bad_input(tmp_path, capsys):
     assert "train the variant first" in capsys.readouterr().err
 
 
-def test_storage_resource_publishes_to_s3_and_compute_refuses_missing_gpu(tmp_path, s3_bucket, monkeypatch):
-    from pipelines.resources import ComputeResource, StorageResource
+def test_compute_refuses_a_missing_gpu_and_defers_to_params():
+    from pipelines.resources import ComputeResource
 
-    s3, bucket = s3_bucket
-    out = tmp_path / "data" / "rollouts"
-    out.mkdir(parents=True)
-    (out / "index.json").write_text("{}")
-    (out / "shard-00000.safetensors").write_bytes(b"x")
-    monkeypatch.chdir(tmp_path)
-    uris = StorageResource(remote=f"s3://{bucket}/runs/1").publish([Path("data/rollouts")])
-    assert uris == [f"s3://{bucket}/runs/1/data/rollouts"]
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
-    assert keys == {"runs/1/data/rollouts/index.json", "runs/1/data/rollouts/shard-00000.safetensors"}
-    assert StorageResource().publish([Path("data/rollouts")]) == []  # local only: nothing uploaded
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             ComputeResource(device="cuda").resolve(Params())
+        assert ComputeResource(device="cuda").resolve(Params(), local=False)[0] == "cuda"  # a pod has them
     with pytest.raises(ValueError, match="fp32 or bf16"):
         ComputeResource(precision="fp16").resolve(Params())
     # unset, the resource takes params.yaml's device and precision (Dagster runs a params file as DVC does)

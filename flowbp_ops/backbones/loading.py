@@ -120,6 +120,8 @@ def load_backbone(kind: str, world_dir: str | Path, device: str | torch.device =
     given = {"dtype": dtype, "resolution": resolution, "max_sequence_length": max_sequence_length}
     settings = {k: v for k, v in {**record.get("settings", {}), **{k: v for k, v in given.items() if v}}.items() if v}
     source, revision = Path(record["path"]), None
+    if not source.exists() and record["source"].startswith("s3://") and (world_dir / "base_model").is_dir():
+        source = world_dir / "base_model"  # fetched on another machine, pulled here from the shared store
     if not source.exists():  # another machine (a GPU executor, a registered model): the pinned hub commit
         if not record["source"].startswith("hf://"):
             raise ConfigError(f"{source} (from {record['source']}) is not on this machine: fetch it here with "

@@ -107,6 +107,7 @@ class Trainer:
                                      weight_decay=cfg.weight_decay)
         self.ema = EMA(self.params, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None
         self.step, self.skipped = 0, 0
+        self.checkpoint_hooks: list = []  # called on rank 0 with the run folder after each checkpoint (a push)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _optimizer_state(self):
@@ -158,6 +159,9 @@ class Trainer:
         meta = {"config": self.cfg.model_dump(mode="json"), "step": self.step, "skipped": self.skipped,
                 "ema_steps": self.ema.steps if self.ema else 0, "global_batch": self.layout.global_batch}
         save_checkpoint(run_dir, self.step, tensors, meta, self.cfg.keep_last, self.dist, self.sharded)
+        if self.dist.main:
+            for hook in self.checkpoint_hooks:
+                hook(run_dir)
 
     # -- one optimizer step ---------------------------------------------------------------------
     def _micro_batch(self, denoiser, plan, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:

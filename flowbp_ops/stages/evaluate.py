@@ -16,6 +16,9 @@ import torch
 
 from flowbp_ops.atomic import atomic_path
 from flowbp_ops.params import Params
+from flowbp_ops.stages.paths import paths
+from flowbp_ops.stages.prepare import backbone_of
+from flowbp_ops.stages.train import verified_variant
 
 
 @torch.no_grad()
@@ -59,14 +62,13 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
     from flowbp_ops.rewards.base import get_reward
     from flowbp_ops.rollout_store import load_rollouts
     from flowbp_ops.sampling import generate
-    from flowbp_ops.stages import _backbone, paths, verified_variant
 
     p, r, e = paths(params), params.rollouts, params.eval
     summary = verified_variant(params, method)
     names = dict.fromkeys([params.train.reward, *e.rewards])  # the training reward (maybe a composite) first
     rewards = {n: get_reward(n, world_dir=params.world_dir, device=params.device) for n in names}
     classifier = getattr(rewards.get("align_heldout"), "net", None)
-    bb = _backbone(params)  # the base model; the variant's weights go onto it below
+    bb = backbone_of(params)  # the base model; the variant's weights go onto it below
     batch = 64 if params.train.backbone == "default" else 4  # real backbones: 512² images, fp32 VAE decode
 
     shards = list(load_rollouts(p.rollouts))

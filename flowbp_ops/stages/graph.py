@@ -1,9 +1,12 @@
-"""The stage graph, defined once: Dagster builds its assets from it and ``dvc.yaml`` is generated from it.
+"""The stage graph, declared once: the CLI's stages, the Dagster assets, checks and jobs, ``dvc.yaml``, the run
+chain and the shared store's transfers are all derived from this table.
 
-Each stage names its upstream stages, the ``params.yaml`` keys it reads (DVC params and the
-Dagster run config), its outputs under ``data/`` (DVC outs), and whether it is partitioned by
-method (a Dagster partition; a DVC ``foreach`` over ``methods``). ``flowbp pipeline dvc-yaml``
-writes ``dvc.yaml``; a test fails if the committed file drifts from this table.
+Each stage names its library function (in ``flowbp_ops.stages``), its upstream stages (what it
+really reads), the ``params.yaml`` keys it reads (DVC params and the Dagster run config), its
+outputs (DVC outs, store keys), whether it is partitioned by method (a Dagster partition; a DVC
+``foreach`` over ``methods``), whether it runs on a GPU (then Dagster launches it as its own
+process through Pipes), its asset checks and its Dagster job. Adding a stage: a function and a
+row here.
 """
 
 from __future__ import annotations
@@ -24,11 +27,17 @@ class Stage:
     metrics: tuple[str, ...] = ()
     plots: dict = field(default_factory=dict)
     per_method: bool = False
-    gpu: bool = False
+    gpu: bool = False  # runs as its own process (Dagster Pipes: a subprocess, or a Kubernetes Job)
+    tracked: bool = False  # writes to MLflow (gets a tracker)
     persist: tuple[str, ...] = ()  # outs DVC keeps when the stage reruns (a failed training run resumes)
+    checks: tuple[tuple[str, str], ...] = ()  # Dagster asset checks (blocking): name, description
+    job: str = "prepare"
 
 
 W = "data/world"
+GATES = (("reward_improved", "training reward on held-out prompts beats the base model"),
+         ("heldout_not_collapsed", "held-out rewards did not fall more than the tolerance (reward hacking)"),
+         ("diversity_not_collapsed", "samples per prompt stay diverse (mode collapse)"))
 STAGES: tuple[Stage, ...] = (
     Stage("prompt_sets", "Prompt set: loaded, normalised, deduplicated, split with a fixed seed",
           params=("world_dir", "prompts"), outs=(f"{W}/prompts",)),
@@ -42,25 +51,39 @@ STAGES: tuple[Stage, ...] = (
           outs=(f"{W}/vae", f"{W}/transformer", f"{W}/base_model.json")),
     Stage("cached_rollouts", "No-grad base-model rollouts of the held-out prompts with their caches (sharded)",
           deps=("prompt_sets", "base_model"), params=("rollouts",), outs=("data/rollouts",), gpu=True),
+    # training reads the prompts, the rewards and the base model (not the evaluation rollouts)
     Stage("trained_variant", "One method trained (LoRA adapter, EMA weights), one MLflow run, a model version",
-          deps=("prompt_sets", "reward_models", "base_model", "cached_rollouts"), params=("train",),
+          deps=("prompt_sets", "reward_models", "base_model"), params=("train",),
           outs=("data/variants/${item}/adapter", "data/runs/${item}"), persist=("data/runs/${item}",),
           metrics=("data/variants/${item}/summary.json",),
-          plots={"data/variants/${item}/metrics.jsonl": {"x": "step", "y": "reward"}}, per_method=True, gpu=True),
+          plots={"data/variants/${item}/metrics.jsonl": {"x": "step", "y": "reward"}}, per_method=True, gpu=True,
+          tracked=True, checks=(("finite_weights", "every trained weight is finite"),), job="variant"),
     Stage("evaluation", "Held-out rewards, attribute accuracy, diversity and sample grid vs the base model",
           deps=("trained_variant", "reward_models", "cached_rollouts"),
           params=("eval", "promote", "rollouts", "train.reward"),
           outs=("data/eval/${item}/samples.png",), metrics=("data/eval/${item}/metrics.json",),
-          per_method=True, gpu=True),
+          per_method=True, gpu=True, tracked=True, checks=GATES, job="variant"),
     Stage("method_comparison", "The method table and plots over every evaluated variant",
-          deps=("evaluation",), params=("methods",), outs=("data/comparison",)),
+          deps=("evaluation", "trained_variant"), params=("methods",), outs=("data/comparison",), tracked=True,
+          job="compare_and_promote"),
     Stage("promoted_model", "Champion alias moved to the best variant that passes every gate",
-          deps=("method_comparison",), params=("promote",), metrics=("data/promoted.json",)),
+          deps=("method_comparison",), params=("promote",), metrics=("data/promoted.json",), tracked=True,
+          job="compare_and_promote"),
 )
 BY_NAME = {s.name: s for s in STAGES}
+JOBS = {name: [s for s in STAGES if s.job == name] for name in dict.fromkeys(s.job for s in STAGES)}
+
+
+def sections(stage: Stage) -> list[str]:
+    """The ``params.yaml`` sections a stage's run config holds."""
+    return sorted({p.split(".")[0] for p in stage.params} | {"world_dir", "data_dir"})
 
 
 def _outs_of(stage: Stage, item: str | None, params=None) -> list[str]:
+    return [_relocate(p, params) for p in _templates(stage, item, params)]
+
+
+def _templates(stage: Stage, item: str | None, params=None) -> list[str]:
     """The stage's DVC outputs: the table's paths under the params' ``world_dir`` / ``data_dir``."""
     outs = stage.outs
     if stage.name == "base_model" and params is not None and params.base_model.source != "default":
@@ -68,8 +91,7 @@ def _outs_of(stage: Stage, item: str | None, params=None) -> list[str]:
         if params.base_model.source.startswith("s3://"):
             outs += (f"{W}/base_model",)  # fetched into the world: DVC keeps it (a hub model is in the hub cache)
     paths = list(outs) + list(stage.metrics) + list(stage.plots)
-    paths = [p.replace("${item}", item) for p in paths] if item else paths
-    return [_relocate(p, params) for p in paths]
+    return [p.replace("${item}", item) for p in paths] if item else paths
 
 
 def _relocate(path: str, params) -> str:
@@ -83,6 +105,24 @@ def _relocate(path: str, params) -> str:
 def stage_outputs(stage: Stage, params, item: str | None = None) -> list[Path]:
     """The stage's output paths under ``params.world_dir`` / ``params.data_dir``."""
     return [Path(p) for p in _outs_of(stage, item, params)]
+
+
+def stage_transfers(stage: Stage, params, item: str | None = None, inputs: bool = False
+                    ) -> dict[str, list[tuple[str, Path]]]:
+    """(store key, local path) of a stage's outputs, or (``inputs``) of what it reads by upstream stage (a
+    per-method upstream: this method's outputs, or every method's in ``params.methods``). The key is the
+    output's place in the graph (``data/world/prompts``), the same on every machine."""
+    def pairs(s: Stage, i: str | None) -> list[tuple[str, Path]]:
+        return [(t, Path(_relocate(t, params))) for t in _templates(s, i, params)]
+
+    if not inputs:
+        return {stage.name: pairs(stage, item)}
+    out = {}
+    for d in stage.deps:
+        up = BY_NAME[d]
+        items = [item] if up.per_method and item else (params.methods if up.per_method else [None])
+        out[d] = [pair for i in items for pair in pairs(up, i)]
+    return out
 
 
 def dvc_yaml(params=None) -> str:
@@ -116,5 +156,5 @@ def dvc_yaml(params=None) -> str:
         if plots:
             body["plots"] = [{p: {"cache": False, **opts}} for p, opts in plots.items()]
         stages[s.name] = {"foreach": "${methods}", "do": body} if s.per_method else body
-    header = "# generated from pipelines/graph.py by `flowbp pipeline dvc-yaml`; do not edit by hand\n"
+    header = "# generated from flowbp_ops/stages/graph.py by `flowbp pipeline dvc-yaml`; do not edit by hand\n"
     return header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)

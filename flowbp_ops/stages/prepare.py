@@ -1,0 +1,107 @@
+"""The preparing stages: prompt sets, reward models, the base model, the base model's cached rollouts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from flowbp_ops.atomic import atomic_path
+from flowbp_ops.integrity import seal
+from flowbp_ops.params import Params
+from flowbp_ops.stages.paths import paths
+from flowbp_ops.surrogate.config import ConfigError
+
+
+def prompt_sets(params: Params) -> dict:
+    from flowbp_ops.prompts import prepare_prompt_set
+
+    p = params.prompts
+    return prepare_prompt_set(p.source, paths(params).prompts, p.eval_fraction, p.seed, p.column, p.eval_source)
+
+
+def reward_models(params: Params, progress: Callable | None = None) -> dict:
+    from flowbp_ops.storage import fetch
+    from flowbp_ops.world.build import build_reward_models
+
+    r, target = params.rewards, paths(params).rewards
+    meta = {}
+    if r.source == "default":
+        meta = build_reward_models(params.world_dir, params.world, progress)
+    elif r.source:
+        meta = {"source": r.source, "sha256": fetch(r.source, target, r.sha256)}
+    for name, uri in r.models.items():  # e.g. pickscore: hf://yuvalkirstain/PickScore_v1@<revision>
+        if uri.endswith(".pt"):  # HPSv2.1 and ImageReward publish torch checkpoints: convert to safetensors
+            meta[f"{name}.sha256"] = _convert_reward(name, uri, r, target)
+        else:
+            meta[f"{name}.sha256"] = fetch(uri, target / name, r.checksums.get(name))
+    if target.exists():
+        seal(target)  # every reward's files, checked when a reward loads them
+    return meta
+
+
+def _convert_reward(name: str, uri: str, r, target: Path) -> str:
+    """Fetch a ``.pt`` checkpoint (checksum verified) and its tokenizer, convert (tensors only, never a full
+    unpickle) into ``rewards/<name>/``; returns the checkpoint's checksum."""
+    import importlib
+    import tempfile
+
+    from flowbp_ops.storage import fetch
+
+    converters = {"hpsv2": "flowbp_ops.rewards.hpsv2:convert_open_clip_checkpoint",
+                  "imagereward": "flowbp_ops.rewards.imagereward:convert_checkpoint"}
+    if name not in converters:
+        raise ConfigError(f"rewards.models.{name}={uri!r}: only {', '.join(converters)} are converted from .pt "
+                          "checkpoints; give a folder in save_pretrained layout (safetensors) instead")
+    if name not in r.tokenizers:
+        raise ConfigError(f"rewards.models.{name} is a .pt checkpoint: set rewards.tokenizers.{name} to its tokenizer "
+                          "folder (hpsv2: a CLIP ViT-H-14 tokenizer; imagereward: bert-base-uncased)")
+    module, fn = converters[name].split(":")
+    with tempfile.TemporaryDirectory() as tmp:
+        digest = fetch(uri, Path(tmp) / "checkpoint.pt", r.checksums.get(name))
+        fetch(r.tokenizers[name], Path(tmp) / "tokenizer")
+        with atomic_path(target / name) as out:
+            getattr(importlib.import_module(module), fn)(Path(tmp) / "checkpoint.pt", out, Path(tmp) / "tokenizer")
+    return digest
+
+
+def base_model(params: Params, progress: Callable | None = None) -> dict:
+    """Build the default world's model, or resolve, pin and check a real pipeline (``backbone.json``)."""
+    b = params.base_model
+    if b.source == "default":
+        from flowbp_ops.world.build import build_base_model
+
+        return build_base_model(params.world_dir, params.world, progress)
+    from flowbp_ops.backbones.loading import resolve_base_model
+
+    return resolve_base_model(b.source, b.revision, params.train.backbone, params.world_dir,
+                              b.model_dump(include={"dtype", "resolution", "max_sequence_length"}))
+
+
+def backbone_of(params: Params, adapter: Path | None = None):
+    """The base model the settings pin (the default world's, or a real pipeline), with trained weights if given."""
+    from flowbp_ops.adapters import load_trained
+    from flowbp_ops.backbones.loading import load_backbone
+
+    b = params.base_model
+    bb = load_backbone(params.train.backbone, params.world_dir, device=params.device, dtype=b.dtype,
+                       resolution=b.resolution, max_sequence_length=b.max_sequence_length)
+    if adapter is not None:
+        load_trained(bb, adapter)
+    return bb
+
+
+def eval_prompts(params: Params) -> list[str]:
+    from flowbp_ops.prompts import load_prompt_set
+
+    return load_prompt_set(paths(params).prompts, "test")[: params.rollouts.n_prompts]
+
+
+def cached_rollouts(params: Params) -> dict:
+    from flowbp_ops.rollout_store import generate_rollouts
+
+    r = params.rollouts
+    t0 = time.perf_counter()
+    meta = generate_rollouts(backbone_of(params), eval_prompts(params), r.n_steps, r.guidance, paths(params).rollouts,
+                             seed=r.seed, shard_size=r.shard_size)
+    return {**meta, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,120 @@
+"""Running one stage, the same way from the CLI, DVC, a Dagster op or a Dagster Pipes process.
+
+``run_stage`` takes the stage's lock, pulls its inputs from the shared store (when there is one),
+calls the stage's function, pushes its outputs (a training run also every checkpoint), and returns
+the stage's metadata with its asset-check results. ``pipes_session`` is the other end of Dagster
+Pipes: inside a process Dagster launched it reports log lines, the materialization and the checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
+
+from flowbp_ops import stages
+from flowbp_ops.locks import stage_lock
+from flowbp_ops.params import Params
+from flowbp_ops.stages.graph import BY_NAME, Stage, stage_transfers
+from flowbp_ops.surrogate.config import ConfigError
+
+
+def check_results(stage: Stage, meta: dict, params: Params, method: str | None) -> list[dict]:
+    """The stage's asset checks from its outputs: ``{"name", "passed", "metadata"}`` each."""
+    if stage.name == "trained_variant":
+        finite = stages.finite_weights(stages.paths(params).variant(method) / "adapter")
+        return [{"name": "finite_weights", "passed": finite["passed"], "metadata": finite}]
+    if stage.name == "evaluation":
+        return [{"name": g, "passed": bool(r["passed"]), "metadata": r} for g, r in meta["gates"].items()]
+    return []
+
+
+def run_stage(name: str, params: Params, method: str | None = None, *, tracker=None, tags: dict | None = None,
+              dist=None, store=None, callbacks: tuple = ()) -> tuple[dict, list[dict]]:
+    """Run stage ``name`` (for ``method`` when per method); returns (metadata, check results). Rank 0 of a
+    distributed run holds the lock and moves data; every rank trains."""
+    from flowbp_ops.training.distributed import Dist
+
+    stage, dist = BY_NAME[name], dist or Dist()
+    if stage.per_method and not method:
+        raise ConfigError(f"stage {name} needs a method, one of {', '.join(params.methods)}")
+    if not stage.per_method and method:
+        raise ConfigError(f"stage {name} is not per method: drop the method")
+    kwargs: dict[str, Any] = {"tracker": tracker} if stage.tracked else {}
+    if name == "trained_variant":
+        kwargs.update(tags=tags, dist=dist, callbacks=callbacks)
+    with stage_lock(params.data_dir, name, method) if dist.main else nullcontext():
+        if store is not None and dist.local_rank == 0:  # each node's first process brings the inputs
+            for up, transfers in stage_transfers(stage, params, method, inputs=True).items():
+                for key, path in transfers:
+                    store.pull(key, path, needed_by=f"{name}" + (f"[{method}]" if method else "") + f" (from {up})")
+            if name == "trained_variant":  # a run killed elsewhere resumes from its pushed checkpoints
+                key, path = _run_transfer(params, method)
+                store.pull(key, path)
+                kwargs.update(on_checkpoint=lambda run_dir: store.push(key, run_dir),
+                              run_key=f"{store.uri}/{key}")
+        dist.barrier()
+        fn = getattr(stages, name)
+        meta = fn(params, method, **kwargs) if stage.per_method else fn(params, **kwargs)
+        if not dist.main:
+            return {}, []
+        checks = check_results(stage, meta, params, method)
+        if store is not None:
+            for key, path in stage_transfers(stage, params, method)[name]:
+                if path.exists():
+                    store.push(key, path)
+            meta = {**meta, "store": store.uri}
+    return meta, checks
+
+
+def _run_transfer(params: Params, method: str):
+    (key, path), = [(k, p) for k, p in stage_transfers(BY_NAME["trained_variant"], params, method)["trained_variant"]
+                    if k.startswith("data/runs/")]
+    return key, path
+
+
+# -- the process end of Dagster Pipes ----------------------------------------------------------------
+
+def _pipes_value(value: Any) -> Any:
+    if isinstance(value, bool) or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return value if not (isinstance(value, float) and not math.isfinite(value)) else str(value)
+    return {"raw_value": json.loads(json.dumps(value, default=str)), "type": "json"}
+
+
+def pipes_metadata(meta: dict) -> dict:
+    return {k: _pipes_value(v) for k, v in meta.items() if v is not None}
+
+
+class PipesLog:
+    """A training callback: one log line per step in the Dagster run view (live progress)."""
+
+    def __init__(self, pipes, label: str, total: int):
+        self.pipes, self.label, self.total = pipes, label, total
+
+    def on_step(self, step: int, m: dict) -> None:
+        extra = " ".join(f"{k}={m[k]:.4f}" for k in ("reward", "loss", "grad_norm") if k in m)
+        self.pipes.log.info(f"{self.label} step {step + 1}/{self.total} {extra} ({m.get('time_step', 0):.2f} s)")
+
+
+@contextmanager
+def pipes_session() -> Iterator[Any]:
+    """The Dagster Pipes context when Dagster launched this process (else None)."""
+    import os
+
+    if "DAGSTER_PIPES_CONTEXT" not in os.environ:
+        yield None
+        return
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        yield pipes
+
+
+def report(pipes, stage: Stage, meta: dict, checks: list[dict]) -> None:
+    pipes.report_asset_materialization(metadata=pipes_metadata(meta))
+    for c in checks:
+        pipes.report_asset_check(check_name=c["name"], passed=c["passed"], metadata=pipes_metadata(c["metadata"]))
+
