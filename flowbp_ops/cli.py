@@ -71,7 +71,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     console.print(f"[bold]{plan.method}[/] on {args.backbone}, N={plan.n_steps}, seed={plan.seed}: "
-                  f"active {plan.active}, split j={plan.split}, g={plan.rescale:.4g}; reward sees {plan.reward_sees()}")
+                  f"active {plan.active}, split j={plan.split}, window [{plan.window[0]}, {plan.window[1]}), "
+                  f"rescale per segment {[round(f, 4) for f in plan.rescales]}; reward sees {plan.reward_sees()}")
+    if plan.draw:
+        console.print(f"Bridge draw: pre-split {plan.draw['pre']} (late bias from the window start), j={plan.draw['split']}, "
+                      f"post-split {plan.draw['post']} (late bias from j+1)")
     table = Table("segment", "rule", "α at start", "step", "σ_i", "ω_i", "c_i", "active")
     for s in plan.segments:
         for t in s.terms:

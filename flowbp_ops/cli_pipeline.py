@@ -141,7 +141,9 @@ def _cmd_preset(args: argparse.Namespace) -> int:
     from flowbp_ops.presets import get_preset, preset_names
 
     if args.name is None or args.list:
-        print("\n".join(preset_names()))
+        from flowbp_ops.presets import describe
+
+        print("\n".join(describe(n) for n in preset_names()))
         return 0
     text = dump_params(get_preset(args.name))
     if args.out:

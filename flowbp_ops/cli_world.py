@@ -97,7 +97,8 @@ def _train(args: argparse.Namespace) -> int:
         backbone, world = _train_backbone(args, params, device)
         prompts = load_prompts(world, "train")
         run = RunDir(out)
-        trainer = Trainer(cfg, backbone, prompts, {"world_dir": world}, dist)  # everything that can refuse, first
+        trainer = Trainer(cfg, backbone, prompts, {"world_dir": world}, dist,  # everything that can refuse, first
+                          eval_prompts=load_prompts(world, "test"))
         if args.resume:
             point = run.resume_point(cfg.identity(), dist=dist)
             if point.checkpoint is None:

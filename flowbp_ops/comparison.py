@@ -84,3 +84,23 @@ def _bars(evals: dict[str, dict], rewards: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_kj(pairs: list[tuple[int, int]], n_steps: int, path: Path, title: str = "") -> dict[str, int]:
+    """The (k, j) pairs a run drew, as a 2-D histogram (the authors' diagnostic); returns the counts."""
+    import numpy as np
+
+    plt = _plt()
+    counts = np.zeros((n_steps + 1, n_steps + 1), dtype=int)
+    for k, j in pairs:
+        counts[j, k] += 1
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    im = ax.imshow(counts, origin="lower", cmap="viridis")
+    ax.set_xlabel("k (first active step)")
+    ax.set_ylabel("j (split)")
+    ax.set_title(title or f"(k, j) over {len(pairs)} steps", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return {f"{k},{j}": int(counts[j, k]) for k, j in sorted(set(pairs))}

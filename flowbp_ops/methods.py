@@ -79,7 +79,7 @@ _PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, dict[str, Any]]]] = {
          "bridge": {"alpha": 0.1}, "trajectory_weight": {"enabled": True, "tau": 0.2}},
         {"sd35": {"active": {"rev_j_cap": 10}},
          "flux1": {"weights": {"eta": 0.5}},
-         "flux2": {"trajectory_weight": {"tau": 0.1}}},
+         "flux2": {"trajectory_weight": {"tau": 0.1}, "active": {"tail_ratio": 0.7}}},  # reverse indices [1, 19)
     ),
     "custom": ("any point of the design space, from --set key=value", {}, {}),
 }

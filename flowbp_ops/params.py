@@ -85,6 +85,9 @@ class BaseModelParams(_Section):
 class RolloutParams(_Section):
     n_steps: int = Field(20, ge=1)
     guidance: float | None = Field(4.0, ge=0)
+    grid: Literal["training", "scheduler"] = Field("training", description="the sigma grid of the evaluation "
+                                                   "(cached rollouts and variants): training's, or the pipeline "
+                                                   "scheduler's own (the authors' SD3.5 evaluation)")
     n_prompts: int = Field(200, ge=1, description="held-out prompts rolled out with the base model (the eval set)")
     seed: int = 42
     shard_size: int = Field(50, ge=1)

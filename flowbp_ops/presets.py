@@ -41,6 +41,18 @@ def preset_names() -> list[str]:
     return [f"{b}/{m}" for b in BACKBONES for m in METHODS if m != "custom"]
 
 
+def describe(name: str) -> str:
+    """One line of what a preset follows: global batch, EMA rule, numerics, evaluation grid."""
+    p = get_preset(name)
+    t = p.train
+    micro = t.global_batch // (t.batch * AUTHORS_GPUS)
+    return (f"{name:28s} global batch {t.global_batch} (= {t.batch}/GPU × {AUTHORS_GPUS} GPUs"
+            f"{f' × {micro} micro-batches' if micro > 1 else ''}), EMA {t.ema} "
+            f"{'with warm-up' if t.ema_warmup else 'fixed from step 1'}, numerics {t.numerics}, evaluation "
+            f"{p.rollouts.n_steps} steps on the {p.rollouts.grid} grid"
+            f"{', CFG gradient compensation' if t.cfg_grad_compensate else ''}")
+
+
 def get_preset(name: str) -> Params:
     backbone, _, method = name.partition("/")
     if backbone not in BACKBONES or method not in BATCH:
@@ -51,7 +63,9 @@ def get_preset(name: str) -> Params:
     global_batch = batch * AUTHORS_GPUS * MICRO_BATCHES.get((backbone, method), 1)
     return Params.model_validate({
         "world_dir": f"data/{backbone}",
-        "base_model": {"source": f"hf://{hub_id}"},
+        # SD3.5: T5 at 512 tokens for training and evaluation, as the authors (spec §6.8; joint attention has no
+        # padding mask, so the length changes outputs); FLUX: their pipelines' 512 already
+        "base_model": {"source": f"hf://{hub_id}", "max_sequence_length": 512},
         # training prompts: the user's file (the authors used HPDv2's train split, not shipped here)
         "prompts": {"source": "", "eval_source": hpdv2_eval_prompts()},
         "rewards": {"source": "", "models": {"hpsv2": "hf://xswu/HPSv2/HPS_v2.1_compressed.pt",
@@ -63,12 +77,18 @@ def get_preset(name: str) -> Params:
                     # the published checkpoints carry no tokenizer: their base models' tokenizers
                     "tokenizers": {"hpsv2": "hf://laion/CLIP-ViT-H-14-laion2B-s32B-b79K?include=*.json,*.txt",
                                    "imagereward": "hf://google-bert/bert-base-uncased?include=*.json,*.txt"}},
-        "rollouts": {"n_steps": eval_steps, "guidance": guidance, "n_prompts": 400, "shard_size": 8},
+        # evaluation sampling as the authors: SD3.5 on the scheduler's own grid (spec §6.9), FLUX on the training grid
+        "rollouts": {"n_steps": eval_steps, "guidance": guidance, "n_prompts": 400, "shard_size": 8,
+                     "grid": "scheduler" if backbone == "sd35" else "training"},
         "train": {"method": method, "backbone": backbone, "steps": 300, "batch": batch, "global_batch": global_batch,
                   "rollout_steps": 25,
                   "guidance": guidance, "reward": "hpsv2", "heldout_rewards": ["pickscore", "imagereward"],
                   "loss": "hinge", "r_max": 0.55, "finetune": "full", "lr": 1e-5, "weight_decay": 1e-4,
-                  "betas": [0.9, 0.999], "eps": 1e-8, "grad_clip": 1.0, "ema": 0.995, "precision": "bf16",
+                  "betas": [0.9, 0.999], "eps": 1e-8, "grad_clip": 1.0, "precision": "bf16",
+                  "ema": 0.995, "ema_warmup": False,  # a copy of the base weights, the fixed decay from step 1
+                  "numerics": "authors",  # bf16 latents / noise / timesteps, bf16 decode, fp16 reward (spec §6.10)
+                  # the CFG gradient compensation: on in the FLUX.2 Lagrange config only (spec §6.6)
+                  "cfg_grad_compensate": (backbone, method) == ("flux2", "flowbp_lagrange"),
                   "gradient_checkpointing": True, "checkpoint_every": 50},
         "methods": [method],
         "eval": {"rewards": ["hpsv2", "pickscore", "imagereward", "clipscore"]},

@@ -46,11 +46,11 @@ def _unflatten(tensors: dict[str, torch.Tensor]) -> Any:
 
 @torch.no_grad()
 def generate_rollouts(backbone, prompts: list[str], n_steps: int, guidance: float | None, out_dir: str | Path,
-                      seed: int = 42, shard_size: int = 64) -> dict:
-    """Roll out every prompt once (noise seed ``seed + i``) and write the shards atomically."""
+                      seed: int = 42, shard_size: int = 64, grid: str = "training") -> dict:
+    """Roll out every prompt once (noise seed ``seed + i``, on ``grid``) and write the shards atomically."""
     if not prompts:
         raise ValueError("generate_rollouts() needs at least one prompt")
-    sigmas = backbone.sigmas(n_steps)
+    sigmas = backbone.sigmas(n_steps, grid=grid) if grid != "training" else backbone.sigmas(n_steps)
     denoiser = backbone.denoiser(guidance)
     shape = backbone.latent_shape(1)[1:]
     shards = []
@@ -70,7 +70,7 @@ def generate_rollouts(backbone, prompts: list[str], n_steps: int, guidance: floa
                 "prompts": json.dumps(chunk), "guidance": json.dumps(guidance), "backbone": backbone.name})
             canonical_header(tmp / name)
             shards.append({"file": name, "n": len(chunk), "sha256": sha256_of(tmp / name)})
-        meta = {"n_prompts": len(prompts), "n_steps": n_steps, "guidance": guidance, "seed": seed,
+        meta = {"n_prompts": len(prompts), "n_steps": n_steps, "guidance": guidance, "seed": seed, "grid": grid,
                 "backbone": backbone.name, "shards": shards}
         (tmp / "index.json").write_text(json.dumps(meta, indent=1))
     return meta

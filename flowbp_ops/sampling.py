@@ -15,11 +15,12 @@ def initial_noise(shape: tuple[int, ...], seeds) -> Tensor:
 
 @torch.no_grad()
 def generate(backbone, prompts: list[str], n_steps: int, guidance: float | None, seed: int = 42,
-             batch_size: int = 64) -> Tensor:
-    """Images (B, 3, H, W) in [0, 1]; prompt ``i``'s noise is seeded with ``seed + i`` (spec section 5)."""
+             batch_size: int = 64, grid: str = "training") -> Tensor:
+    """Images (B, 3, H, W) in [0, 1]; prompt ``i``'s noise is seeded with ``seed + i`` (spec section 5);
+    ``grid``: the training grid or the scheduler's own (``flowbp_ops.surrogate.sigmas``)."""
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
-    sigmas = backbone.sigmas(n_steps)
+    sigmas = backbone.sigmas(n_steps, grid=grid) if grid != "training" else backbone.sigmas(n_steps)
     denoiser = backbone.denoiser(guidance)
     shape = backbone.latent_shape(1)[1:]
     out = []

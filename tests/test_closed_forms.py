@@ -144,10 +144,12 @@ def test_lagrange(seed, backbone):
     xhat_j = xs[k] + sum(W * vs[t.index] for W, t in zip(W1, seg1.terms))
     xhat_N = xs[j] + sum(W * vs[t.index] for W, t in zip(W2, seg2.terms))
     w = 1.0 / (mean_abs(xhat_j, xs[j]).clamp_min(tau) + mean_abs(xhat_N, xs[N]).clamp_min(tau))
-    h = np.diff(sig)
     act = [(W, t) for seg, Ws in [(seg1, W1), (seg2, W2)] for W, t in zip(Ws, seg.terms) if t.active]
-    g = 1 + cfg.weights.eta * (np.abs(h[k:]).sum() / sum(abs(W) for W, _ in act) - 1)
-    c = {t.index: g * (1.0 if t.index in (k, j) else 0.25) for _, t in act}
+    # the rescale per interval (spec §6.7): Σ_supports |W| / Σ_active |W| of that interval
+    g = {seg.start: 1 + cfg.weights.eta * (sum(abs(W) for W in Ws) / sum(abs(W) for W, t in zip(Ws, seg.terms)
+                                                                         if t.active) - 1)
+         for seg, Ws in [(seg1, W1), (seg2, W2)]}
+    c = {t.index: g[k if t.index < j else j] * (1.0 if t.index in (k, j) else 0.25) for _, t in act}
     W_of = {t.index: W for W, t in act}
     MT_u = field.M.detach().T @ u
     cot = {}

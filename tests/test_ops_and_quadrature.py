@@ -78,8 +78,8 @@ def test_lagrange_supports_and_active_supports_follow_the_spec():
 
 
 def test_support_positions_and_which_supports_are_active():
-    # linspace over [start, end−1], rounded (half to even, as torch.round), deduplicated
-    assert support_indices(1, 19, 3) == [1, 10, 18]
+    # linspace over the interval's own positions 0..L−1, rounded half to even, then + start (spec §6.1)
+    assert support_indices(1, 19, 3) == [1, 9, 18]  # positions 0, 8.5 → 8, 17 (absolute rounding gave 10)
     assert support_indices(0, 4, 3) == [0, 2, 3]
     assert support_indices(5, 7, 3) == [5, 6]
     assert support_indices(0, 12, 5) == [0, 3, 6, 8, 11]

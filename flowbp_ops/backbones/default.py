@@ -58,12 +58,15 @@ class DefaultBackbone:
     def denoiser(self, guidance: float | None) -> Denoiser:
         return Denoiser(SD3Velocity(self.transformer), cfg_scale=guidance)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        return decode_latents(self.vae, latents)
+    def decode(self, latents: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Images in [0, 1]; ``dtype=bfloat16`` decodes under bf16 autocast (the authors' numerics)."""
+        low = dtype != torch.float32
+        with torch.autocast(latents.device.type, dtype=dtype, enabled=low):
+            return decode_latents(self.vae, latents.float()).float()
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         c = self.transformer.config
         return (batch, c.in_channels, c.sample_size, c.sample_size)
 
-    def sigmas(self, n_steps: int) -> np.ndarray:
-        return get_schedule("default").sigmas(n_steps)
+    def sigmas(self, n_steps: int, grid: str = "training") -> np.ndarray:
+        return get_schedule("default").sigmas(n_steps, grid=grid)

@@ -77,13 +77,16 @@ class PipelineBackbone:
         """The engine's latents (float32) as the VAE's decoder reads them."""
         raise NotImplementedError
 
-    def decode(self, latents: Tensor) -> Tensor:
-        # float32 even inside training's bf16 autocast: bf16 decoding bands the images
-        with torch.autocast(latents.device.type, enabled=False):
-            return ((self.pipe.vae.decode(self._vae_latents(latents.float())).sample + 1) / 2).clamp(0, 1)
+    def decode(self, latents: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        # float32 even inside training's bf16 autocast (bf16 decoding bands the images), unless asked for the
+        # authors' numerics (dtype=bfloat16: the VAE under bf16 autocast)
+        low = dtype != torch.float32
+        with torch.autocast(latents.device.type, dtype=dtype if low else torch.bfloat16, enabled=low):
+            images = self.pipe.vae.decode(self._vae_latents(latents.float())).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
 
-    def sigmas(self, n_steps: int) -> np.ndarray:
-        return get_schedule(self.name).sigmas(n_steps, self.resolution)
+    def sigmas(self, n_steps: int, grid: str = "training") -> np.ndarray:
+        return get_schedule(self.name).sigmas(n_steps, self.resolution, grid)
 
 
 class PackedPipelineBackbone(PipelineBackbone):
@@ -92,7 +95,7 @@ class PackedPipelineBackbone(PipelineBackbone):
     def _packed_side(self) -> int:
         return self.resolution // (self.pipe.vae_scale_factor * 2)
 
-    def sigmas(self, n_steps: int) -> np.ndarray:
+    def sigmas(self, n_steps: int, grid: str = "training") -> np.ndarray:
         # the pipeline's shift depends on the packed sequence length: this VAE's factor x the 2x2 packing
         schedule = replace(get_schedule(self.name), latent_downsample=2 * self.pipe.vae_scale_factor)
-        return schedule.sigmas(n_steps, self.resolution)
+        return schedule.sigmas(n_steps, self.resolution, grid)

@@ -42,9 +42,11 @@ class BackboneSchedule:
             return float(compute_empirical_mu(image_seq_len=seq, num_steps=n_steps))
         return None
 
-    def sigmas(self, n_steps: int, resolution: int = 512) -> np.ndarray:
+    def sigmas(self, n_steps: int, resolution: int = 512, grid: str = "training") -> np.ndarray:
+        """The training grid, or (``grid="scheduler"``) the one the pipeline samples on by default: for FLUX the
+        same (their pipelines pass ``linspace(1, 1/N, N)``), for SD3.5 the scheduler's own."""
         mu = self.mu(n_steps, resolution)
-        return flow_sigmas(n_steps, shift=self.shift, mu=mu)
+        return flow_sigmas(n_steps, shift=self.shift, mu=mu, grid=grid if mu is None else "training")
 
 
 SCHEDULES: dict[str, BackboneSchedule] = {

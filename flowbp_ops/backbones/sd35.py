@@ -20,7 +20,7 @@ class SD35Backbone(PipelineBackbone):
     name = "sd35"
     lora_target_modules = SD3_LORA_TARGETS
     pipeline_class = "StableDiffusion3Pipeline"
-    default_max_sequence_length = 256
+    default_max_sequence_length = 512  # T5 tokens, as the authors train and evaluate (spec §6.8)
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         tokens, _, pooled, _ = self.pipe.encode_prompt(

@@ -23,12 +23,13 @@ from flowbp_ops.stages.train import verified_variant
 
 @torch.no_grad()
 def _diversity(backbone, prompts: list[str], n_seeds: int, steps: int, guidance, seed: int,
-               batch: int = 64) -> tuple[float, Any]:
+               batch: int = 64, grid: str = "training") -> tuple[float, Any]:
     """Mean pairwise pixel distance between samples of the same prompt (and the samples)."""
     from flowbp_ops.sampling import generate
 
     copies = [p for p in prompts for _ in range(n_seeds)]
-    images = generate(backbone, copies, steps, guidance, seed=seed + 10_000, batch_size=batch).cpu()  # distinct seeds
+    images = generate(backbone, copies, steps, guidance, seed=seed + 10_000, batch_size=batch,  # distinct seeds
+                      grid=grid).cpu()
     grid = images.view(len(prompts), n_seeds, *images.shape[1:])
     flat = grid.flatten(2)
     d = torch.cdist(flat, flat).sum((1, 2)) / (n_seeds * (n_seeds - 1))
@@ -77,11 +78,13 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
                              for _, cache, _, _ in shards for i in range(0, cache.x[-1].shape[0], batch)])
     grid_prompts = prompts[:: max(1, len(prompts) // e.grid_prompts)][: e.grid_prompts]  # spread over the set
     base = _score(base_images, prompts, rewards, classifier, batch, bb.device)
-    base["diversity"], base_grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed, batch)
+    base["diversity"], base_grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed, batch,
+                                              r.grid)
     load_trained(bb, p.variant(method) / "adapter")
-    images = generate(bb, prompts, r.n_steps, r.guidance, seed=r.seed, batch_size=batch).cpu()  # same noise
+    images = generate(bb, prompts, r.n_steps, r.guidance, seed=r.seed, batch_size=batch, grid=r.grid).cpu()  # same noise
     tuned = _score(images, prompts, rewards, classifier, batch, bb.device)
-    tuned["diversity"], grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed, batch)
+    tuned["diversity"], grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed, batch,
+                                          r.grid)
     if e.judge_url:  # evaluation only: a served VLM's 1-5 scores next to the rewards
         from flowbp_ops.judges.vlm import VLMJudge, VLMJudgeConfig
 

@@ -103,5 +103,5 @@ def cached_rollouts(params: Params) -> dict:
     r = params.rollouts
     t0 = time.perf_counter()
     meta = generate_rollouts(backbone_of(params), eval_prompts(params), r.n_steps, r.guidance, paths(params).rollouts,
-                             seed=r.seed, shard_size=r.shard_size)
+                             seed=r.seed, shard_size=r.shard_size, grid=r.grid)
     return {**meta, "seconds": time.perf_counter() - t0}

@@ -31,7 +31,7 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
     cfg = params.train_config(method)
     p = paths(params)
     trainer = Trainer(cfg, backbone_of(params), load_prompt_set(p.prompts, "train"),
-                      {"world_dir": params.world_dir}, dist)
+                      {"world_dir": params.world_dir}, dist, eval_prompts=load_prompt_set(p.prompts, "test"))
     if on_checkpoint is not None:
         trainer.checkpoint_hooks.append(on_checkpoint)
     run, base = RunDir(p.run(method)), _base_pin(params)
@@ -82,6 +82,19 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
         raise
     finally:
         log.close()
+    pairs = [(int(r["k"]), int(r["j"])) for r in log.rows if "k" in r and "j" in r]
+    if pairs:  # the (k, j) draws of a LeapAlign / Lagrange run: counts in the summary, the plot in MLflow
+        import tempfile
+
+        from flowbp_ops.comparison import plot_kj
+
+        with tempfile.TemporaryDirectory() as tmp:
+            summary["kj_counts"] = plot_kj(pairs, cfg.rollout_steps, Path(tmp) / "kj_histogram.png", method)
+            if tracker is not None:
+                tracker.log_artifact(run_id, Path(tmp) / "kj_histogram.png", "diagnostics")
+        if tracker is None:
+            with atomic_path(p.variant(method) / "summary.json") as out:
+                out.write_text(json.dumps(summary, indent=2))
     if tracker is not None:
         if cfg.finetune == "lora":  # a full fine-tune's transformer goes in once, with the registered model
             tracker.log_artifact(run_id, p.variant(method) / "adapter", "adapter")

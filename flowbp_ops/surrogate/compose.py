@@ -40,6 +40,7 @@ class SurrogateOutput:
     composition_error: float  # max|x̂_N − x_N| before the final connector (0 when no endpoint)
     grad_forwards: int  # gradient-carrying model forwards actually run
     timings: dict[str, float] = field(default_factory=dict)
+    d_j_leap: Tensor | None = None  # what d_j would be with one velocity over [k, j) (a Lagrange plan's gain)
 
     @property
     def d_j(self) -> Tensor | None:
@@ -57,6 +58,14 @@ class SurrogateOutput:
             out["d_j"] = float(self.d_j.mean())
         if self.d_0 is not None:
             out["d_0"] = float(self.d_0.mean())
+        if self.d_j_leap is not None:
+            out["d_j_leap"] = float(self.d_j_leap.mean())
+        out["w"] = float(self.w.mean())
+        out.update({f"rescale_{i}": f for i, f in enumerate(self.plan.rescales)})
+        if self.plan.split is not None:
+            out["j"] = self.plan.split
+            if self.plan.segments[0].rule in ("leap", "lagrange"):  # a (k, j) pair (LeapAlign, Lagrange)
+                out["k"] = self.plan.segments[0].start
         return out
 
 
@@ -133,8 +142,13 @@ class Composer:
             w = torch.ones(batch, device=y.device)
         if plan.lv_copies:
             y, w = self._lv_copies(y, w)
+        first = plan.segments[0]
+        leap = None
+        if first.rule == "lagrange" and first.end < len(cache.x):  # the residual a single-velocity leap would leave
+            leap = per_sample_mean_abs(cache.x[first.start].float() + (plan.sigmas[first.end] - plan.sigmas[first.start])
+                                       * cache.v[first.start].float(), cache.x[first.end].float())
         return SurrogateOutput(y=y, w=w.detach(), plan=plan, cache=cache, residuals=residuals,
-                               composition_error=comp_err, grad_forwards=self.grad_forwards)
+                               composition_error=comp_err, grad_forwards=self.grad_forwards, d_j_leap=leap)
 
     def _lv_copies(self, y0: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         """DRaFT-LV: ``x' = (1−σ)·sg(y_0) + σ·ε_m``, ``y_m = x' − σ·v_θ(x')`` at the posterior step."""
@@ -156,7 +170,7 @@ class Composer:
 
 def surrogate_step(
     denoiser: Callable, plan: Plan, x0: Tensor | None, cond: Any, cache: RolloutCache | None = None,
-    sample_seeds: list[int] | None = None,
+    sample_seeds: list[int] | None = None, state_dtype: torch.dtype = torch.float32,
 ) -> SurrogateOutput:
     """Run one training step's forward: the rollout (unless a ``cache`` is given) and the composition.
     ``sample_seeds``: one seed per sample for draws inside the step (DRaFT-LV's copies); default the plan's.
@@ -178,7 +192,7 @@ def surrogate_step(
         composer = Composer(plan, denoiser, cond, RolloutCache(sigmas=np.asarray(plan.sigmas)), sample_seeds)
         rollout(denoiser, x0, composer.cache.sigmas, cond, steps=plan.rollout_steps,
                 active_velocity=composer.velocity if plan.one_pass else None,
-                active=set(plan.active), cache=composer.cache)
+                active=set(plan.active), cache=composer.cache, state_dtype=state_dtype)
         rollout_s = time.perf_counter() - t0 - composer.forward_seconds
     out = composer.finish()
     out.timings = {"rollout": rollout_s, "surrogate_forward": time.perf_counter() - t0 - rollout_s}

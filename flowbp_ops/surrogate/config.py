@@ -9,6 +9,7 @@ config is built; the checks that need the number of steps ``N`` run in
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,7 +42,8 @@ class ActiveSet(_Axis):
     k: int = Field(4, ge=1, description="number of active steps (late_biased, drtune, last_k)")
     k_min: int | None = Field(None, ge=1, description="last_k: draw K uniformly in [k_min, k] (AlignProp)")
     beta: float = Field(1.0, ge=0.0, description="late_biased: P(i) ∝ (i+1)^β")
-    tail_ratio: float = Field(1.0, gt=0.0, le=1.0, description="late_biased: window = last round(ratio·N) steps")
+    tail_ratio: float = Field(1.0, gt=0.0, le=1.0, description="every sampler draws from the last ceil(ratio·N) "
+                              "steps (reverse indices 1..ceil(ratio·N))")
     split: bool = Field(False, description="late_biased: draw a split j (uniform jk) and put j in A (FlowBP-Bridge)")
     early_stop_ratio: float = Field(0.4, gt=0.0, le=1.0, description="drtune: m = N − U{1..round(ratio·N)}")
     jk: Literal["uniform", "dirichlet", "midpoint"] = Field("uniform", description="jk pair sampler")
@@ -49,6 +51,9 @@ class ActiveSet(_Axis):
         (2.5, 6.0, 2.0), description="jk dirichlet: concentrations of segments (near image, k–j gap, near noise)"
     )
     rev_j_cap: int | None = Field(None, ge=1, description="jk dirichlet: cap on rev_j = N − j")
+    split_bias: Literal["relative", "absolute"] = Field(
+        "relative", description="Bridge's late bias: relative = counted from the window start before j and from j+1 "
+        "after it (the authors'); absolute = (i+1)^β on both sides (the earlier rule, for ablations)")
     indices: list[int] = Field(default_factory=list, description="explicit: the active step indices")
     split_at: int | None = Field(None, ge=1, description="explicit: optional split j")
 
@@ -62,8 +67,15 @@ class Weights(_Axis):
         "midpoint", description="lagrange: which extra supports are active (the middle one, or the next ones)"
     )
     support_scale: float = Field(1.0, ge=0.0, description="lagrange: gradient scale of the extra active supports")
+    support_rounding: Literal["interval", "absolute"] = Field(
+        "interval", description="lagrange supports: rounding of the interval's own positions (the authors') or of "
+        "absolute step indices (the earlier rule, for ablations)")
+    rescale: Literal["per_interval", "window"] = Field(
+        "per_interval", description="lagrange with eta > 0: one factor per interval (the authors') or one g over "
+        "the window (the earlier rule)")
     max_active_supports: int = Field(1, ge=1, description="lagrange: active supports per interval")
-    eta: float = Field(0.0, ge=0.0, description="gradient rescale: g = 1 + η(Σ_window|h| / Σ_A|ω| − 1)")
+    eta: float = Field(0.0, ge=0.0, description="gradient rescale: g = 1 + η(Σ_window|h| / Σ_A|ω| − 1); Lagrange: "
+                       "per interval, 1 + η(Σ_supports|W| / Σ_active|W| − 1)")
 
 
 class Bridge(_Axis):
@@ -118,21 +130,24 @@ class MethodConfig(_Axis):
                 _fail("active.k", a.k, f"1..{window} (the window of the last {window} of N={N} steps)")
             if a.split and (a.k < 2 or N < 2):
                 _fail("active.k", a.k, "at least 2 with active.split (one step each side of j) and N ≥ 2")
+        window, lo = self.window(N), N - self.window(N)
         if a.sampler == "drtune":
             m_min = N - round(a.early_stop_ratio * N)
             if round(a.early_stop_ratio * N) < 1:
                 _fail("active.early_stop_ratio", a.early_stop_ratio, f"large enough that round(ratio·{N}) ≥ 1")
-            if a.k > m_min + 1:
-                _fail("active.k", a.k, f"1..{m_min + 1} (K steps equally spaced before the earliest stop m={m_min})")
+            if a.k > m_min + 1 - lo:
+                _fail("active.k", a.k, f"1..{m_min + 1 - lo} (K steps equally spaced in [{lo}, m] before the "
+                      f"earliest stop m={m_min})")
         if a.sampler == "jk":
             need = 3 if a.jk == "dirichlet" else 2
-            if N < need:
-                _fail("steps", N, f"at least {need} for a {a.jk} jk pair")
+            if window < need:
+                _fail("steps" if window == N else "active.tail_ratio", N if window == N else a.tail_ratio,
+                      f"a window of at least {need} steps for a {a.jk} jk pair (now {window})")
             if a.rev_j_cap is not None and a.rev_j_cap < 2:  # rev_j = 1 + len_A with len_A ≥ 1
                 _fail("active.rev_j_cap", a.rev_j_cap, "at least 2 (a cap ≥ N − 1 never binds)")
         if a.sampler == "last_k":
-            if a.k > N:
-                _fail("active.k", a.k, f"1..{N} (the last K of N={N} steps)")
+            if a.k > window:
+                _fail("active.k", a.k, f"1..{window} (the last K of the window of {window} of N={N} steps)")
             if a.k_min is not None and a.k_min > a.k:
                 _fail("active.k_min", a.k_min, f"1..active.k (= {a.k})")
         if a.sampler == "explicit":
@@ -151,8 +166,8 @@ class MethodConfig(_Axis):
             _fail("reward_input.lv_copies", r.lv_copies, "0 unless reward_input.kind='posterior_mean'")
 
     def window(self, n_steps: int) -> int:
-        """Size of the late-biased window ``[a, N)``."""
-        return max(1, round(self.active.tail_ratio * n_steps))
+        """Size of the tail window ``[a, N)`` every sampler draws from: ``ceil(ratio·N)`` (spec §6.4)."""
+        return max(1, math.ceil(round(self.active.tail_ratio * n_steps, 9)))
 
     # ------------------------------------------------------------------ overrides
     def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "MethodConfig":

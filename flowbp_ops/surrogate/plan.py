@@ -47,7 +47,10 @@ class Plan:
     reward_input: str  # "endpoint" | "posterior_mean"
     lv_copies: int = 0
     split: int | None = None  # j of a single-split method, for the d_j diagnostic
-    rescale: float = 1.0  # g
+    rescale: float = 1.0  # g (one factor over the window)
+    rescales: tuple[float, ...] = ()  # the factor applied in each segment (Lagrange: one per interval)
+    window: tuple[int, int] = (0, 0)  # the tail window [a, N) the sampler drew from
+    draw: dict = field(default_factory=dict)  # Bridge: the pre-split steps, j, the post-split steps
     trajectory_tau: float | None = None  # τ_w when the trajectory weight is on
     one_pass: bool = True
     checkpoint: bool = False
@@ -109,36 +112,39 @@ def build_plan(cfg: MethodConfig, sigmas: np.ndarray, seed: int) -> Plan:
     rng = np.random.default_rng(seed)
     a, w = cfg.active, cfg.weights
     notes: list[str] = []
-    window_start = 0
-    split = None
+    window = cfg.window(N)  # every sampler draws from the tail [N − window, N) (spec §6.4)
+    window_start = N - window
+    split, draw = None, {}
 
     # 1. the sampler decides the segment boundaries and (for Euler segments) the active steps
     if a.sampler == "uniform_last":  # ReFL, DRaFT-LV: one leap from τ
-        tau = samplers.uniform_last(a.n, N, rng)
+        tau = samplers.uniform_last(min(a.n, window), N, rng)
         bounds, active, rules = [tau, N], {tau}, ["leap"]
     elif a.sampler == "drtune":  # Euler to m, then the leap from m
-        steps, m = samplers.drtune(a.k, a.early_stop_ratio, N, rng)
+        steps, m = samplers.drtune(a.k, a.early_stop_ratio, N, rng, lo=window_start)
         bounds, active, rules = ([0, m, N], set(steps), ["euler", "leap"]) if m > 0 else ([0, N], set(steps), ["leap"])
         split = m if m > 0 else None
     elif a.sampler == "late_biased":
-        window_start = N - cfg.window(N)
         if a.split:  # FlowBP-Bridge: j from the uniform jk sampler over the window, j ∈ A
-            _, j = samplers.jk_uniform(N, rng, span=N - window_start)
+            _, j = samplers.jk_uniform(N, rng, span=window)
             k_pre, k_post = samplers.split_budget(a.k, j - window_start, N - j)
             if k_pre + k_post < a.k:
                 notes.append(f"split j={j} leaves room for only {k_pre + k_post} of K={a.k} steps")
-            pre = samplers.late_biased(k_pre, a.beta, window_start, j, rng)
-            post = samplers.late_biased(k_post - 1, a.beta, j + 1, N, rng)
+            # late bias counted from the window start before j, from j + 1 after it (spec §6.5)
+            relative = a.split_bias == "relative"
+            pre = samplers.late_biased(k_pre, a.beta, window_start, j, rng, origin=window_start if relative else 0)
+            post = samplers.late_biased(k_post - 1, a.beta, j + 1, N, rng, origin=j + 1 if relative else 0)
             bounds, active, rules, split = [0, j, N], set(pre) | {j} | set(post), ["euler", "euler"], j
+            draw = {"pre": pre, "split": j, "post": post, "k_pre": k_pre, "k_post": k_post}
         else:  # FlowBP-Sparse
             bounds, active, rules = [0, N], set(samplers.late_biased(a.k, a.beta, window_start, N, rng)), ["euler"]
     elif a.sampler == "jk":  # LeapAlign, FlowBP-Lagrange
         if a.jk == "dirichlet":
-            k, j = samplers.jk_dirichlet(N, rng, a.dirichlet, a.rev_j_cap)
+            k, j = samplers.jk_dirichlet(N, rng, a.dirichlet, a.rev_j_cap, span=window)
         elif a.jk == "midpoint":
-            k, j = samplers.jk_midpoint(N, rng)
+            k, j = samplers.jk_midpoint(N, rng, span=window)
         else:
-            k, j = samplers.jk_uniform(N, rng)
+            k, j = samplers.jk_uniform(N, rng, span=window)
         bounds, active, rules, split = [k, j, N], {k, j}, [w.rule, w.rule], j
         window_start = k
     elif a.sampler == "last_k":  # DRaFT-K, AlignProp (random K), exact references
@@ -165,20 +171,28 @@ def build_plan(cfg: MethodConfig, sigmas: np.ndarray, seed: int) -> Plan:
         alpha = cfg.bridge.alpha if n_seg > 0 else 0.0
         segments.append(Segment(start, end, rule, alpha, tuple(_terms(rule, start, end, active, sigmas, cfg))))
 
-    # 3. the gradient rescale g over the active terms (Sparse, Bridge; η = 0 leaves g = 1)
-    g = 1.0
+    # 3. the gradient rescale over the active terms (η = 0 leaves it at 1): one g over the window (Sparse,
+    # Bridge), or per Lagrange interval Σ_supports|W| / Σ_active|W| (spec §6.7)
+    g, per_segment = 1.0, [1.0] * len(segments)
     if w.eta > 0:
-        span = np.abs(np.diff(sigmas)[window_start:]).sum()
-        act = sum(abs(t.weight) for s in segments for t in s.terms if t.active)
-        g = float(1.0 + w.eta * (span / act - 1.0))
+        if all(s.rule == "lagrange" for s in segments) and w.rescale == "per_interval":
+            per_segment = [float(1.0 + w.eta * (sum(abs(t.weight) for t in s.terms)
+                                                / sum(abs(t.weight) for t in s.terms if t.active) - 1.0))
+                           for s in segments]
+        else:
+            span = np.abs(np.diff(sigmas)[window_start:]).sum()
+            act = sum(abs(t.weight) for s in segments for t in s.terms if t.active)
+            g = float(1.0 + w.eta * (span / act - 1.0))
+            per_segment = [g] * len(segments)
         segments = [Segment(s.start, s.end, s.rule, s.alpha,
-                            tuple(Term(t.index, t.weight, t.scale * g if t.active else t.scale, t.active)
-                                  for t in s.terms)) for s in segments]
+                            tuple(Term(t.index, t.weight, t.scale * f if t.active else t.scale, t.active)
+                                  for t in s.terms)) for s, f in zip(segments, per_segment)]
 
     tw = cfg.trajectory_weight
     return Plan(
         method=cfg.name, seed=int(seed), sigmas=tuple(float(s) for s in sigmas), segments=tuple(segments),
         reward_input=cfg.reward_input.kind, lv_copies=cfg.reward_input.lv_copies, split=split, rescale=float(g),
+        rescales=tuple(per_segment), window=(N - window, N), draw=draw,
         trajectory_tau=tw.tau if tw.enabled else None, one_pass=cfg.execution.one_pass,
         checkpoint=cfg.execution.checkpoint, cfg_detach_neg=cfg.execution.cfg_detach_neg, notes=tuple(notes),
     )
@@ -190,7 +204,7 @@ def _terms(rule: str, start: int, end: int, active: set[int], sigmas: np.ndarray
     if rule == "leap":  # one velocity over the whole interval
         return [Term(start, float(sigmas[end] - sigmas[start]), 1.0, start in active)]
     w = cfg.weights  # lagrange
-    supports = support_indices(start, end, w.order)
+    supports = support_indices(start, end, w.order, w.support_rounding)
     weights = lagrange_weights(sigmas[supports], sigmas[start], sigmas[end])
     act = active_supports(supports, w.max_active_supports, w.support_mode)
     return [

@@ -13,12 +13,18 @@ import numpy as np
 from numpy.polynomial import polynomial as P
 
 
-def support_indices(start: int, end: int, order: int) -> list[int]:
-    """``order`` indices spread evenly in ``[start, end−1]`` (first = start), rounded, deduplicated."""
+def support_indices(start: int, end: int, order: int, rounding: str = "interval") -> list[int]:
+    """``order`` indices spread evenly over the interval's own positions ``p = 0..L−1`` (``L = end − start``):
+    ``round(linspace(0, L−1, order))`` with half-to-even rounding, then ``start + p``, the first forced to
+    ``start``, deduplicated (spec §6.1; rounding absolute indices picks another middle support on 66 of the
+    325 intervals of the 25-step grid)."""
     if end <= start:
         raise ValueError(f"empty interval [{start}, {end})")
-    raw = np.rint(np.linspace(start, end - 1, order)).astype(int)
-    return sorted(set(int(i) for i in raw))
+    if rounding == "absolute":  # the earlier rule: round the absolute indices
+        return sorted(set(int(i) for i in np.rint(np.linspace(start, end - 1, order)).astype(int)))
+    positions = np.rint(np.linspace(0, end - start - 1, order)).astype(int)  # np.rint: half to even
+    positions[0] = 0
+    return sorted(set(start + int(p) for p in positions))
 
 
 def lagrange_weights(support_sigmas: np.ndarray, sigma_from: float, sigma_to: float) -> np.ndarray:

@@ -90,6 +90,7 @@ def rollout(
     active: set[int] = frozenset(),
     on_step: Callable[[int], None] | None = None,
     cache: RolloutCache | None = None,
+    state_dtype: torch.dtype = torch.float32,
 ) -> RolloutCache:
     """Roll out ``steps`` Euler steps (default all N) and cache every state and velocity.
 
@@ -104,8 +105,9 @@ def rollout(
     cache = RolloutCache(sigmas=sigmas) if cache is None else cache
     # one contiguous buffer per kind, allocated once: the cache is 2·steps latents whatever the
     # interleaving of the forwards' transient allocations (no per-step fragmentation)
-    xs = torch.empty((steps + 1, *x0.shape), dtype=torch.float32, device=x0.device)
-    vs = torch.empty((steps, *x0.shape), dtype=torch.float32, device=x0.device)
+    # (float32 states by default; ``state_dtype=bfloat16`` keeps latents and velocities in bf16, as the authors)
+    xs = torch.empty((steps + 1, *x0.shape), dtype=state_dtype, device=x0.device)
+    vs = torch.empty((steps, *x0.shape), dtype=state_dtype, device=x0.device)
     xs[0] = x0.detach()
     cache.x[:], cache.v[:] = [xs[0]], []
     for i in range(steps):

@@ -33,6 +33,15 @@ class TrainConfig(BaseModel):
     reward: RewardSpec = Field("align", description="training reward (registry name or 'a:0.7,b:0.3')")
     heldout_rewards: list[RewardSpec] = Field(default_factory=lambda: ["align_heldout", "quality", "quality_heldout"])
     loss: Literal["hinge", "negative"] = Field("hinge", description="hinge: w·relu(r_max − r); negative: −w·r")
+    cfg_grad_compensate: bool = Field(False, description="divide the loss by the guidance scale before backward "
+                                      "(the authors' FLUX.2 Lagrange; with clipping at 1 it changes the update)")
+    numerics: Literal["fp32_state", "authors"] = Field(
+        "fp32_state", description="fp32_state: float32 latents, sigmas, VAE decode and reward; authors: bf16 "
+        "latents, noise and timesteps in the rollout, bf16 VAE decode, the reward under fp16 autocast, x̂ cast "
+        "to bf16 before the connector (spec §6.10)")
+    ema_eval_every: int | None = Field(50, ge=1, description="evaluate the EMA weights at step 1 and every this "
+                                       "many steps on a fixed held-out subset (None: never)")
+    ema_eval_prompts: int = Field(16, ge=1, description="held-out prompts of that evaluation")
     r_max: float = Field(1.0, description="hinge target of the training reward")
     # optimisation (spec section 4, scaled to the default world)
     finetune: Literal["lora", "full"] = "lora"

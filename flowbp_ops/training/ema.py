@@ -36,3 +36,11 @@ class EMA:
     def copy_to(self, params: list[torch.nn.Parameter]) -> None:
         for s, p in zip(self.shadow, params):
             p.copy_(s)
+
+    @torch.no_grad()
+    def swap(self, params: list[torch.nn.Parameter]) -> None:
+        """Exchange the EMA and the trained weights (twice restores both): evaluate the EMA mid-run."""
+        for s, p in zip(self.shadow, params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)

@@ -80,7 +80,7 @@ class Trainer:
     :meth:`fit`."""
 
     def __init__(self, cfg: TrainConfig, backbone, prompts: list[str], reward_kwargs: dict | None = None,
-                 dist: Dist = Dist()):
+                 dist: Dist = Dist(), eval_prompts: list[str] | None = None):
         if not prompts:
             raise ValueError("training needs a non-empty prompt list (the prompt set's train split is empty)")
         self.cfg, self.backbone, self.prompts, self.dist = cfg, backbone, prompts, dist
@@ -88,6 +88,10 @@ class Trainer:
         self.method = get_method(cfg.method, cfg.backbone, cfg.rollout_steps, cfg.method_overrides)
         self.method.check(cfg.rollout_steps)
         self.sigmas = backbone.sigmas(cfg.rollout_steps)
+        self.state_dtype = torch.bfloat16 if cfg.numerics == "authors" else torch.float32
+        if cfg.numerics == "authors":  # timesteps in bf16, and the Euler steps between them
+            self.sigmas = torch.from_numpy(self.sigmas).to(torch.bfloat16).double().numpy()
+        self.eval_prompts = (eval_prompts or [])[: cfg.ema_eval_prompts]
         self.device = getattr(backbone, "device", torch.device("cpu"))
         # reward models live where the images are decoded
         reward_kwargs = {"device": self.device, **(reward_kwargs or {})}
@@ -143,6 +147,25 @@ class Trainer:
             self.ema.steps = int(meta["ema_steps"])
         return self.step
 
+    def _ema_eval_due(self) -> bool:
+        every = self.cfg.ema_eval_every
+        return bool(self.ema and self.eval_prompts and every and (self.step == 1 or self.step % every == 0))
+
+    @torch.no_grad()
+    def evaluate_ema(self) -> dict[str, float]:
+        """The EMA weights on a fixed held-out subset (the same prompts and noise every time): the training
+        reward and the held-out rewards, as the authors log it at step 1 and every 50 steps (spec §6.12)."""
+        from flowbp_ops.sampling import generate
+
+        self.ema.swap(self.params)
+        try:
+            images = generate(self.backbone, self.eval_prompts, self.cfg.rollout_steps, self.cfg.guidance, seed=42)
+            out = {"ema_eval/reward": float(self.reward(images, self.eval_prompts).mean())}
+            out.update({f"ema_eval/{n}": float(h(images, self.eval_prompts).mean()) for n, h in self.heldout.items()})
+        finally:
+            self.ema.swap(self.params)
+        return out
+
     def trained_state(self) -> dict[str, torch.Tensor] | None:
         """Under FSDP2 the whole transformer's weights gathered on rank 0 (a collective: every rank calls it; None
         elsewhere); None when the module holds them whole (save it directly)."""
@@ -169,17 +192,23 @@ class Trainer:
         cfg, backbone, layout = self.cfg, self.backbone, self.layout
         qs = batches.slots(layout, micro, self.dist.rank)
         prompts = [self.prompts[i] for i in batches.prompt_indices(cfg.seed, self.step, layout, qs, len(self.prompts))]
-        x0 = batches.noise(cfg.seed, self.step, qs, backbone.latent_shape(1)[1:]).to(self.device)
+        x0 = batches.noise(cfg.seed, self.step, qs, backbone.latent_shape(1)[1:]).to(self.device, self.state_dtype)
         cond = backbone.conditioning(prompts, cfg.guidance)
         if self.sharded:  # FSDP2 reduce-scatters once, after the last micro-batch
             backbone.transformer.set_requires_gradient_sync(micro == layout.accumulation - 1)
+        authors = cfg.numerics == "authors"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = surrogate_step(denoiser, plan, x0, cond, sample_seeds=batches.sample_seeds(cfg.seed, self.step, qs))
-            images = backbone.decode(out.y)
+            out = surrogate_step(denoiser, plan, x0, cond, sample_seeds=batches.sample_seeds(cfg.seed, self.step, qs),
+                                 state_dtype=self.state_dtype)
+            images = backbone.decode(out.y, dtype=self.state_dtype)
             scored = prompts * (1 + plan.lv_copies)
+        with torch.autocast(self.device.type, dtype=torch.float16 if authors else torch.bfloat16,
+                            enabled=authors or cfg.precision == "bf16"):  # the authors score under fp16 autocast
             r = self.reward(images, scored).float()
         per_sample = torch.relu(cfg.r_max - r) if cfg.loss == "hinge" else -r
         loss = (out.w * per_sample).mean()
+        if cfg.cfg_grad_compensate and cfg.guidance:  # the authors' CFG gradient compensation (spec §6.6)
+            loss = loss / cfg.guidance
         (loss / layout.accumulation).backward()
         with torch.no_grad():
             sums = {"reward": float(r.sum()), **{f"heldout/{n}": float(h(images.detach(), scored).sum())
@@ -242,6 +271,8 @@ class Trainer:
                     "skipped": self.skipped, "time_step": time.perf_counter() - t0,
                     "time_forward_backward": t_fwd - t0, "time_sync": t_sync, "time_clip": t_bwd - t_fwd - t_sync}
             self.step = step + 1
+            if self._ema_eval_due():
+                last.update(self.evaluate_ema())
             if dist.main:
                 for cb in callbacks:
                     cb.on_step(step, last)
@@ -254,11 +285,11 @@ class Trainer:
 
 def train(cfg: TrainConfig, backbone, prompts: list[str], run_dir: str | Path, callbacks: Iterable[Callback] = (),
           resume: bool = False, stop_after: int | None = None, reward_kwargs: dict | None = None,
-          dist: Dist = Dist()) -> dict[str, Any]:
+          dist: Dist = Dist(), eval_prompts: list[str] | None = None) -> dict[str, Any]:
     """Train ``backbone.transformer`` in place; with ``resume`` from the newest intact checkpoint of ``run_dir``."""
     from flowbp_ops.training.run_dir import RunDir
 
-    trainer = Trainer(cfg, backbone, prompts, reward_kwargs, dist)
+    trainer = Trainer(cfg, backbone, prompts, reward_kwargs, dist, eval_prompts)
     if resume:
         point = RunDir(run_dir).resume_point(cfg.identity(), dist=dist)
         if point.checkpoint is None:
