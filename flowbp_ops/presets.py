@@ -73,10 +73,13 @@ def get_preset(name: str) -> Params:
                                              "pickscore": "hf://yuvalkirstain/PickScore_v1",
                                              # the model's safetensors, not its other weight formats
                                              "clipscore": "hf://openai/clip-vit-large-patch14"
-                                                          "?include=*.json,*.txt,*.safetensors"},
+                                                          "?include=*.json,*.txt,*.safetensors",
+                                             # an evaluation reward (HPSv3 on Qwen2-VL-7B): scored, never trained on
+                                             "hpsv3": "hf://MizzenAI/HPSv3/HPSv3.safetensors"},
                     # the published checkpoints carry no tokenizer: their base models' tokenizers
                     "tokenizers": {"hpsv2": "hf://laion/CLIP-ViT-H-14-laion2B-s32B-b79K?include=*.json,*.txt",
-                                   "imagereward": "hf://google-bert/bert-base-uncased?include=*.json,*.txt"}},
+                                   "imagereward": "hf://google-bert/bert-base-uncased?include=*.json,*.txt",
+                                   "hpsv3": "hf://Qwen/Qwen2-VL-7B-Instruct?include=*.json,*.txt"}},
         # evaluation sampling as the authors: SD3.5 on the scheduler's own grid (spec §6.9), FLUX on the training grid
         "rollouts": {"n_steps": eval_steps, "guidance": guidance, "n_prompts": 400, "shard_size": 8,
                      "grid": "scheduler" if backbone == "sd35" else "training"},
@@ -91,6 +94,6 @@ def get_preset(name: str) -> Params:
                   "cfg_grad_compensate": (backbone, method) == ("flux2", "flowbp_lagrange"),
                   "gradient_checkpointing": True, "checkpoint_every": 50},
         "methods": [method],
-        "eval": {"rewards": ["hpsv2", "pickscore", "imagereward", "clipscore"]},
+        "eval": {"rewards": ["hpsv2", "pickscore", "imagereward", "clipscore", "hpsv3"]},
         "promote": {"model_name": f"flowbp-{backbone}"},
     })

@@ -54,7 +54,9 @@ BUILTIN: dict[str, str] = {
     "pickscore": "flowbp_ops.rewards.clip:pickscore",
     "hpsv2": "flowbp_ops.rewards.hpsv2:hpsv2",
     "imagereward": "flowbp_ops.rewards.imagereward:imagereward",
+    "hpsv3": "flowbp_ops.rewards.hpsv3:hpsv3",
 }
+EVALUATION_ONLY = {"hpsv3"}  # scored without gradient: an evaluation reward, never a training one
 _REGISTRY: dict[str, Callable[..., Reward]] = {}  # rewards a user registers at run time (tests, plugins)
 
 

@@ -31,13 +31,20 @@ def reward_models(params: Params, progress: Callable | None = None) -> dict:
     elif r.source:
         meta = {"source": r.source, "sha256": fetch(r.source, target, r.sha256)}
     for name, uri in r.models.items():  # e.g. pickscore: hf://yuvalkirstain/PickScore_v1@<revision>
-        if uri.endswith(".pt"):  # HPSv2.1 and ImageReward publish torch checkpoints: convert to safetensors
+        path = uri.split("?")[0]
+        if path.endswith(".pt") or (name in CONVERTERS and path.endswith(".safetensors")):  # a published file: convert
             meta[f"{name}.sha256"] = _convert_reward(name, uri, r, target)
         else:
             meta[f"{name}.sha256"] = fetch(uri, target / name, r.checksums.get(name))
     if target.exists():
         seal(target)  # every reward's files, checked when a reward loads them
     return meta
+
+
+# rewards published as one checkpoint file, converted (tensors only) into rewards/<name>/ with their tokenizer
+CONVERTERS = {"hpsv2": "flowbp_ops.rewards.hpsv2:convert_open_clip_checkpoint",
+              "imagereward": "flowbp_ops.rewards.imagereward:convert_checkpoint",
+              "hpsv3": "flowbp_ops.rewards.hpsv3:convert_checkpoint"}
 
 
 def _convert_reward(name: str, uri: str, r, target: Path) -> str:
@@ -48,20 +55,21 @@ def _convert_reward(name: str, uri: str, r, target: Path) -> str:
 
     from flowbp_ops.storage import fetch
 
-    converters = {"hpsv2": "flowbp_ops.rewards.hpsv2:convert_open_clip_checkpoint",
-                  "imagereward": "flowbp_ops.rewards.imagereward:convert_checkpoint"}
+    converters = CONVERTERS
     if name not in converters:
         raise ConfigError(f"rewards.models.{name}={uri!r}: only {', '.join(converters)} are converted from .pt "
                           "checkpoints; give a folder in save_pretrained layout (safetensors) instead")
     if name not in r.tokenizers:
-        raise ConfigError(f"rewards.models.{name} is a .pt checkpoint: set rewards.tokenizers.{name} to its tokenizer "
-                          "folder (hpsv2: a CLIP ViT-H-14 tokenizer; imagereward: bert-base-uncased)")
+        raise ConfigError(f"rewards.models.{name} is a published checkpoint: set rewards.tokenizers.{name} to its "
+                          "tokenizer folder (hpsv2: a CLIP ViT-H-14 tokenizer; imagereward: bert-base-uncased; hpsv3: "
+                          "Qwen2-VL-7B-Instruct's configs and tokenizer)")
     module, fn = converters[name].split(":")
     with tempfile.TemporaryDirectory() as tmp:
-        digest = fetch(uri, Path(tmp) / "checkpoint.pt", r.checksums.get(name))
+        ckpt = Path(tmp) / ("checkpoint" + Path(uri.split("?")[0]).suffix)
+        digest = fetch(uri, ckpt, r.checksums.get(name))
         fetch(r.tokenizers[name], Path(tmp) / "tokenizer")
         with atomic_path(target / name) as out:
-            getattr(importlib.import_module(module), fn)(Path(tmp) / "checkpoint.pt", out, Path(tmp) / "tokenizer")
+            getattr(importlib.import_module(module), fn)(ckpt, out, Path(tmp) / "tokenizer")
     return digest
 
 

@@ -17,6 +17,16 @@ def _reward_spec(value: str) -> str:
 RewardSpec = Annotated[str, AfterValidator(_reward_spec)]
 
 
+def _trainable(value: str) -> str:
+    from flowbp_ops.rewards.base import EVALUATION_ONLY, parse_spec
+
+    frozen = sorted(set(parse_spec(value)) & EVALUATION_ONLY)
+    if frozen:
+        raise ValueError(f"{', '.join(frozen)} scores without gradient: an evaluation reward (eval.rewards), not a "
+                         "training one")
+    return value
+
+
 class TrainConfig(BaseModel):
     # allow_inf_nan=False: lr=Infinity or guidance=NaN are refused at load, not found as NaN weights later
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -30,7 +40,7 @@ class TrainConfig(BaseModel):
                                      "micro-batches accumulate to reach it (None: batch × processes)")
     rollout_steps: int = Field(10, ge=1, description="N, sampling steps of the training rollout")
     guidance: float | None = Field(4.0, ge=0, description="real CFG scale (None: no CFG)")
-    reward: RewardSpec = Field("align", description="training reward (registry name or 'a:0.7,b:0.3')")
+    reward: Annotated[RewardSpec, AfterValidator(lambda v: _trainable(v))] = Field("align", description="training reward (registry name or 'a:0.7,b:0.3')")
     heldout_rewards: list[RewardSpec] = Field(default_factory=lambda: ["align_heldout", "quality", "quality_heldout"])
     loss: Literal["hinge", "negative"] = Field("hinge", description="hinge: w·relu(r_max − r); negative: −w·r")
     cfg_grad_compensate: bool = Field(False, description="divide the loss by the guidance scale before backward "
