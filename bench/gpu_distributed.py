@@ -1,8 +1,10 @@
-"""Full fine-tuning across N GPUs: FSDP2 on the full-size SD3.5-M / FLUX.1-dev / FLUX.2-Klein-base-9B transformer,
+r"""Full fine-tuning across N GPUs: FSDP2 on the full-size SD3.5-M / FLUX.1-dev / FLUX.2-Klein-base-9B transformer,
 for when a multi-GPU machine is lent (the memory table in the README is computed until then).
 
-    torchrun --standalone --nproc-per-node 8 bench/gpu_distributed.py --arch flux1 --out bench/results/gpu_fsdp_flux1.json
-    torchrun --standalone --nproc-per-node 2 bench/gpu_distributed.py --arch sd35 --smoke   # CPU, gloo: checks the script
+    torchrun --standalone --nproc-per-node 8 bench/gpu_distributed.py --arch flux1 \
+        --out bench/results/gpu_fsdp_flux1.json
+    torchrun --standalone --nproc-per-node 2 bench/gpu_distributed.py --arch sd35 \
+        --smoke   # CPU, gloo: checks the script
 
 The transformer is built from its published config on the meta device, sharded with flowbp's own
 ``training.loop.shard`` (``fully_shard`` per block, then the root; bf16 compute, float32 master weights
@@ -138,8 +140,8 @@ def main() -> None:
             t = torch.tensor([worst_peak], device=device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             worst_peak = float(t)
-        rows.append({"method": method, "gpus": dist.world, "batch_per_gpu": a.batch, "step_s": statistics.median(times),
-                     "peak_gb_worst_rank": worst_peak})
+        rows.append({"method": method, "gpus": dist.world, "batch_per_gpu": a.batch,
+                     "step_s": statistics.median(times), "peak_gb_worst_rank": worst_peak})
         if dist.main:
             print(json.dumps(rows[-1]), flush=True)
     if dist.main and a.out:

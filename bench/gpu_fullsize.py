@@ -37,7 +37,6 @@ from flowbp_ops.surrogate.compose import surrogate_step
 from flowbp_ops.surrogate.plan import build_plan
 from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
 
-
 # --smoke: the same code on CPU with small configs of the same architectures (checks the script, not the card)
 SMOKE = {"sd35": dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
                       num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
@@ -68,7 +67,8 @@ def build(arch: str, device: str, smoke: bool = False):
 
         def cond(seed):
             g = torch.Generator(device).manual_seed(seed)
-            return {"tokens": torch.randn(2, 333, config["joint_attention_dim"], device=device, generator=g, dtype=dtype),
+            return {"tokens": torch.randn(2, 333, config["joint_attention_dim"], device=device, generator=g,
+                                          dtype=dtype),
                     "pooled": torch.randn(2, config["pooled_projection_dim"], device=device, generator=g, dtype=dtype)}
 
         den = Denoiser(velocity, cfg_scale=3.5)
@@ -87,7 +87,8 @@ def build(arch: str, device: str, smoke: bool = False):
         def cond(seed):
             g = torch.Generator(device).manual_seed(seed)
             txt = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(512))
-            return {"tokens": torch.randn(2, 512, config["joint_attention_dim"], device=device, generator=g, dtype=dtype),
+            return {"tokens": torch.randn(2, 512, config["joint_attention_dim"], device=device, generator=g,
+                                          dtype=dtype),
                     "txt_ids": txt[None].expand(2, -1, -1).to(device)}
 
         den = Denoiser(velocity, cfg_scale=4.0)
@@ -176,12 +177,13 @@ def main() -> None:
                 peaks.append(torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
                 limits.append(t_f * plan.rollout_steps + len(plan.active) * (t_fb - t_f) + plan.lv_copies * t_fb)
             row = {"method": label, "steps": n, "active": len(plan.active), "step_s": statistics.median(times),
-                   "limit_s": statistics.median(limits), "ratio": statistics.median(t / lim for t, lim in zip(times, limits)),
+                   "limit_s": statistics.median(limits),
+                   "ratio": statistics.median(t / lim for t, lim in zip(times, limits)),
                    "peak_gb": max(peaks)}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__, "arch": args.arch,
-              "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "t_forward_s": t_f,
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
+              "arch": args.arch, "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "t_forward_s": t_f,
               "t_forward_backward_s": t_fb, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -42,6 +42,7 @@ REWARDS = ["align", "align_heldout", "quality", "quality_heldout"]
 
 def run_one(world: str, variant: str, seed: int, sets: list[str], out_file: Path) -> None:
     import torch
+    from surrogate_bench import measure
 
     from flowbp_ops.backbones.default import DefaultBackbone
     from flowbp_ops.cli_world import load_prompts, split_sets
@@ -49,7 +50,6 @@ def run_one(world: str, variant: str, seed: int, sets: list[str], out_file: Path
     from flowbp_ops.rewards.base import get_reward
     from flowbp_ops.training.config import TrainConfig
     from flowbp_ops.training.loop import train
-    from surrogate_bench import measure
 
     torch.set_num_threads(1)
     backbone = DefaultBackbone(world)

@@ -98,7 +98,8 @@ def main() -> None:
             subprocess.run(cmd, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
             mem = {(r["method"], r["steps"]): r for r in json.loads(Path(f.name).read_text())["rows"]}
         for r in rows:
-            r.update(peak_mb=mem[(r["method"], r["steps"])]["peak_mb"], cache_mb=mem[(r["method"], r["steps"])]["cache_mb"])
+            r.update(peak_mb=mem[(r["method"], r["steps"])]["peak_mb"],
+                     cache_mb=mem[(r["method"], r["steps"])]["cache_mb"])
     else:
         rows = run(args, args.phase)
     result = {"device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} torch thread(s)",
@@ -139,7 +140,8 @@ def run(args, phase: str) -> list[dict]:
     def unit_costs(detach_neg: bool):
         """(T_f, T_fb): medians of 3, measured right before every timed step so drift cancels."""
         d = den if detach_neg else both_branches
-        return statistics.median(timed(fwd) for _ in range(3)), statistics.median(timed(lambda: fwd_bwd(d)) for _ in range(3))
+        return (statistics.median(timed(fwd) for _ in range(3)),
+                statistics.median(timed(lambda: fwd_bwd(d)) for _ in range(3)))
 
     for _ in range(3):
         fwd(), fwd_bwd(den)
@@ -179,7 +181,8 @@ def run(args, phase: str) -> list[dict]:
             row = {"method": label, "steps": n, "active": len(plan.active), "cache_mb": max(cache_mb)}
             if phase == "memory":
                 row["peak_mb"] = max(peaks)
-                print(f"N={n:3d} {label:30s} peak {row['peak_mb']:.1f} MB (cache {row['cache_mb']:.1f} MB)", flush=True)
+                print(f"N={n:3d} {label:30s} peak {row['peak_mb']:.1f} MB (cache {row['cache_mb']:.1f} MB)",
+                      flush=True)
             else:
                 row.update(t_f=statistics.median(u[0] for u in units), t_fb=statistics.median(u[1] for u in units),
                            step_s=statistics.median(times), limit_s=statistics.median(limits),

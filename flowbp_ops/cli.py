@@ -74,8 +74,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                   f"active {plan.active}, split j={plan.split}, window [{plan.window[0]}, {plan.window[1]}), "
                   f"rescale per segment {[round(f, 4) for f in plan.rescales]}; reward sees {plan.reward_sees()}")
     if plan.draw:
-        console.print(f"Bridge draw: pre-split {plan.draw['pre']} (late bias from the window start), j={plan.draw['split']}, "
-                      f"post-split {plan.draw['post']} (late bias from j+1)")
+        console.print(f"Bridge draw: pre-split {plan.draw['pre']} (late bias from the window start), "
+                      f"j={plan.draw['split']}, post-split {plan.draw['post']} (late bias from j+1)")
     table = Table("segment", "rule", "α at start", "step", "σ_i", "ω_i", "c_i", "active")
     for s in plan.segments:
         for t in s.terms:
@@ -93,7 +93,8 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    table = Table("seed", "cosine", "norm ratio", "active", title=f"gradient fidelity of {args.method}, N={args.steps}")
+    table = Table("seed", "cosine", "norm ratio", "active",
+                  title=f"gradient fidelity of {args.method}, N={args.steps}")
     for r in result["per_seed"]:
         table.add_row(str(r["seed"]), f"{r['cosine']:.4f}", f"{r['norm_ratio']:.4f}", str(r["active"]))
     s = result["summary"]

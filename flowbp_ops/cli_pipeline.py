@@ -154,6 +154,17 @@ def _cmd_preset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from flowbp_ops.doctor import run
+
+    checks = run(_params(args))
+    if args.json:
+        print(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        print("\n".join(c.line() for c in checks))
+    return 2 if any(c.status == "FAIL" for c in checks) else 0
+
+
 def launch_args(p) -> None:
     """One run over several processes (trained_variant, train): flowbp re-runs itself under torchrun."""
     g = p.add_argument_group("several processes (torchrun)")
@@ -181,6 +192,12 @@ def add_commands(sub) -> None:
     common(s)
     launch_args(s)
     s.set_defaults(func=_cmd_stage)
+
+    dr = sub.add_parser("doctor", help="preflight: CUDA, hub access, S3, MLflow, the gpu pool, DVC, disk "
+                        "(a fix per FAIL)")
+    common(dr)
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(func=_cmd_doctor)
 
     pr = sub.add_parser("promote", help="move the champion alias (gated), or roll it back")
     pr.add_argument("--version", default=None, help="a registered model version (default: the best that passes)")

@@ -39,7 +39,8 @@ def _cmd_world_build(args: argparse.Namespace) -> int:
     for item in args.set:
         key, value = parse_override(item)
         if key not in WorldConfig.model_fields:
-            raise ConfigError(f"--set {key}: unknown world setting; settings are {', '.join(WorldConfig.model_fields)}")
+            raise ConfigError(f"--set {key}: unknown world setting; "
+                              f"settings are {', '.join(WorldConfig.model_fields)}")
         changes[key] = value
     try:
         cfg = WorldConfig(**{**base.model_dump(), **changes})
@@ -238,7 +239,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--prompt: give at least one prompt")
     backbone = _load_backbone(args)
     images = generate(backbone, args.prompt, args.steps, args.guidance, seed=args.seed)
-    grid = images.permute(0, 2, 3, 1).reshape(-1, images.shape[3], 3) if len(args.prompt) > 1 else images[0].permute(1, 2, 0)
+    grid = (images.permute(0, 2, 3, 1).reshape(-1, images.shape[3], 3) if len(args.prompt) > 1
+            else images[0].permute(1, 2, 0))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((grid.clamp(0, 1) * 255).byte().numpy()).resize((grid.shape[1] * 4, grid.shape[0] * 4),

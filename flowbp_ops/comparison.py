@@ -57,7 +57,8 @@ def compare(evals: dict[str, dict], curves: dict[str, list[dict]], out_dir: Path
         v, d = ev["variant"], ev["delta"]
         cells = [f"{v.get(c, float('nan')):.3f} ({d.get(c, 0):+.3f})" for c in cols]
         failed = [g for g, r in ev["gates"].items() if not r["passed"]]
-        lines.append(f"| `{m}` | " + " | ".join(cells) + f" | {'pass' if not failed else 'FAIL: ' + ', '.join(failed)} |")
+        lines.append(f"| `{m}` | " + " | ".join(cells)
+                     + f" | {'pass' if not failed else 'FAIL: ' + ', '.join(failed)} |")
     table = "\n".join(lines) + "\n"
     result = {"variants": evals, "columns": cols, "table": table}
     with atomic_path(out_dir) as tmp:

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-
 LOCK_DIR = "/tmp/flowbp-gpu-locks"
 
 
@@ -70,7 +69,8 @@ def gpu_slots(n_gpus: int, count: int, lock_dir: str | Path, poll_s: float = 1.0
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
         if timeout_s is not None and time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"{count} of {n_gpus} GPUs did not come free in {timeout_s:.0f} s (locks in {lock_dir})")
+            raise TimeoutError(f"{count} of {n_gpus} GPUs did not come free in {timeout_s:.0f} s "
+                               f"(locks in {lock_dir})")
         time.sleep(poll_s)
 
 

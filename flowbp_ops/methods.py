@@ -134,7 +134,8 @@ def describe(cfg: MethodConfig) -> dict[str, str]:
                 "jk": "2" if w.rule != "lagrange" else f"≤{2 * w.max_active_supports}"}[a.sampler]
     if r.lv_copies:
         forwards = f"1+{r.lv_copies}"
-    reward = "conn → x_N" if r.kind == "endpoint" else "posterior mean" + (f" + {r.lv_copies} copies" if r.lv_copies else "")
+    reward = ("conn → x_N" if r.kind == "endpoint"
+              else "posterior mean" + (f" + {r.lv_copies} copies" if r.lv_copies else ""))
     return {"reward input": reward, "active set": active, "weights": weights, "bridge α": alpha,
             "grad forwards": forwards, "Jacobian factors": jac,
             "traj. weight": f"τ={cfg.trajectory_weight.tau:g}" if cfg.trajectory_weight.enabled else "—"}

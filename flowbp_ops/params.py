@@ -75,7 +75,8 @@ class BaseModelParams(_Section):
     source: str = Field("default", description="default (train the small world model), hf://owner/name[@rev], "
                                                "s3://bucket/prefix or a local diffusers pipeline folder")
     revision: str | None = Field(None, description="hub revision to pin (a commit hash); S3: expected SHA-256")
-    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="weights of a real backbone (VAE decodes in fp32)")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16",
+                                                   description="weights of a real backbone (VAE decodes in fp32)")
     resolution: int = Field(512, ge=8, description="image side of a real backbone, pixels")
     max_sequence_length: int | None = Field(None, ge=1, description="text tokens (None: the adapter's default)")
 

@@ -76,7 +76,8 @@ def generate_rollouts(backbone, prompts: list[str], n_steps: int, guidance: floa
     return meta
 
 
-def load_rollouts(path: str | Path, verify: bool = True) -> Iterator[tuple[list[str], RolloutCache, Any, torch.Tensor]]:
+def load_rollouts(path: str | Path,
+                  verify: bool = True) -> Iterator[tuple[list[str], RolloutCache, Any, torch.Tensor]]:
     """Yield ``(prompts, cache, cond, seeds)`` per shard; checksums verified against ``index.json``."""
     path = Path(path)
     index_file = path / "index.json"

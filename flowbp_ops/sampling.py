@@ -27,7 +27,8 @@ def generate(backbone, prompts: list[str], n_steps: int, guidance: float | None,
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         # drawn on the CPU (the same images on any device), then moved to the model
-        x0 = initial_noise(shape, range(seed + start, seed + start + len(chunk))).to(getattr(backbone, "device", "cpu"))
+        x0 = initial_noise(shape, range(seed + start, seed + start + len(chunk))).to(
+            getattr(backbone, "device", "cpu"))
         cache = rollout(denoiser, x0, sigmas, backbone.conditioning(chunk, guidance))
         out.append(backbone.decode(cache.x[-1]))
     return torch.cat(out)

@@ -7,8 +7,8 @@ what it copied, so every stage can record (and later verify) exactly which bytes
 * ``s3://bucket/key`` (a file) or ``s3://bucket/prefix/`` (a folder); the endpoint comes
   from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` like every AWS tool (MinIO, moto);
   credentials from the usual boto3 chain and are never logged;
-* ``hf://owner/name[@revision][/path][?include=*.json,*.txt]`` (a model repo, or only the files matching the patterns) or ``hf://datasets/owner/name...``:
-  ``huggingface_hub`` with the revision pinned.
+* ``hf://owner/name[@revision][/path][?include=*.json,*.txt]`` (a model repo, or only the files matching the patterns)
+  or ``hf://datasets/owner/name...``: ``huggingface_hub`` with the revision pinned.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Iterator
 
 from flowbp_ops.atomic import atomic_path
 from flowbp_ops.uris import URIError, parse_hub_uri, split_s3  # noqa: F401  (re-exported: the URI syntax)
-
 
 SourceError = URIError  # a source that cannot be read: bad URI, missing, unreachable, wrong checksum
 

@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+import mlflow
 from flowbp_ops.params import TrackingParams
+from mlflow import MlflowClient
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 
@@ -97,8 +97,9 @@ def _check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
                               "server; set tracking.tracking_uri to one (mlflow server ...)") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ConnectionError(f"MLflow tracking server {safe} is unreachable ({reason}); start it (mlflow server ...) "
-                              "or set tracking.tracking_uri to the embedded store sqlite:///mlflow/mlflow.db") from None
+        raise ConnectionError(f"MLflow tracking server {safe} is unreachable ({reason}); start it "
+                              "(mlflow server ...) or set tracking.tracking_uri to the embedded store "
+                              "sqlite:///mlflow/mlflow.db") from None
     try:
         json.loads(body)["experiments"] if body.strip() not in (b"", b"{}") else None
     except (ValueError, KeyError, TypeError):
@@ -211,8 +212,8 @@ class Tracker:
         recorded = (info.flavors.get("diffusers") or {}).get("base_model_revision")
         if revision and recorded != revision:
             raise PromotionError(f"MLflow recorded {base_model}@{recorded} but the model was trained on the pinned "
-                                 f"@{revision}: the hub moved since; load it with load_pipeline(revision='{revision}') "
-                                 "or retrain on the new commit")
+                                 f"@{revision}: the hub moved since; load it with "
+                                 f"load_pipeline(revision='{revision}') or retrain on the new commit")
         mv = mlflow.register_model(info.model_uri, model_name, tags=tags)
         return str(mv.version)
 
@@ -226,8 +227,9 @@ class Tracker:
         try:
             return self.client.get_registered_model(model_name)
         except MlflowException:
-            raise PromotionError(f"no registered model {model_name!r} in {self.cfg.tracking_uri}: train and evaluate a "
-                                 "variant first (flowbp stage trained_variant / evaluation, or the pipeline)") from None
+            raise PromotionError(f"no registered model {model_name!r} in {self.cfg.tracking_uri}: train and "
+                                 "evaluate a variant first (flowbp stage trained_variant / evaluation, or the "
+                                 "pipeline)") from None
 
     def _history(self, model_name: str) -> list[str]:
         """The champions before the current one, oldest first (a registered-model tag)."""
@@ -262,15 +264,17 @@ class Tracker:
         history = self._history(model_name)
         current = self.alias_version(model_name, CHAMPION)
         if not history:
-            raise PromotionError(f"{model_name} has no earlier champion to roll back to (champion: {current or 'none'})")
+            raise PromotionError(f"{model_name} has no earlier champion to roll back to "
+                                 f"(champion: {current or 'none'})")
         previous = history[-1]
         mv = self.client.get_model_version(model_name, previous)
         gates = {k.removeprefix("gate."): json.loads(v) for k, v in mv.tags.items() if k.startswith("gate.")}
         failed = [g for g, r in gates.items() if not r.get("passed")]
         if not gates or failed:
-            raise PromotionError(f"version {previous} of {model_name} cannot be champion again: "
-                                 f"{'gates ' + ', '.join(failed) + ' failed' if failed else 'no gate results recorded'}"
-                                 f"; champion unchanged ({current})")
+            raise PromotionError(
+                f"version {previous} of {model_name} cannot be champion again: "
+                f"{'gates ' + ', '.join(failed) + ' failed' if failed else 'no gate results recorded'}"
+                f"; champion unchanged ({current})")
         self.client.set_registered_model_alias(model_name, CHAMPION, previous)
         self.client.set_registered_model_tag(model_name, "champion_history", json.dumps(history[:-1]))
         if current:

@@ -20,7 +20,6 @@ from pydantic import BaseModel, Field, create_model
 from flowbp_ops.params import Params, load_params
 
 
-
 def _dagster_type(annotation: Any) -> Any:
     """Dagster config supports scalars, lists, dicts and Optional; Literal and tuple are mapped."""
     origin = typing.get_origin(annotation)

@@ -35,7 +35,8 @@ def pod_spec(launcher, processes: int, env: dict[str, str]) -> tuple[dict, dict[
     if not launcher.image:
         raise ValueError("launcher.mode=kubernetes needs launcher.image (an image with flowbp installed)")
     literal = {k: os.environ[k] for k in launcher.env_vars if os.environ.get(k)}
-    literal.update({k: v for k, v in env.items() if not k.startswith(("AWS_SECRET", "AWS_ACCESS", "MLFLOW_TRACKING_P"))})
+    literal.update({k: v for k, v in env.items()
+                    if not k.startswith(("AWS_SECRET", "AWS_ACCESS", "MLFLOW_TRACKING_P"))})
     literal.pop("CUDA_VISIBLE_DEVICES", None)  # the pod sees exactly the GPUs it was given
     container = {
         "resources": {"limits": {"nvidia.com/gpu": str(processes)}, "requests": {"nvidia.com/gpu": str(processes)}},

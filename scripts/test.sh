@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 PATH="$PWD/.venv/bin:$PATH"
+.venv/bin/ruff check flowbp_ops pipelines tests bench   # lint (pyproject.toml: line length 119, E F W I)
 exec .venv/bin/python -m pytest -q "$@"

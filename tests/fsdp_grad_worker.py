@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 def main() -> None:
     import diffusers
+    from gpu_fullsize import SMOKE
     from safetensors.torch import save_file
 
     from flowbp_ops.backbones.schedules import get_schedule
@@ -26,7 +27,6 @@ def main() -> None:
     from flowbp_ops.training import distributed
     from flowbp_ops.training.config import TrainConfig
     from flowbp_ops.training.loop import shard
-    from gpu_fullsize import SMOKE
 
     arch, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import LinearField, sd35_sigmas
 
 from flowbp_ops.methods import get_method
 from flowbp_ops.surrogate import Denoiser, build_plan, surrogate_step
-
-from conftest import LinearField, sd35_sigmas
 
 N, B, D = 12, 2, 3
 
@@ -80,7 +79,6 @@ def test_sparse(seed, backbone):
     h = np.diff(sig)
     A = plan.active
     g = 1 + cfg.weights.eta * (np.abs(h).sum() / np.abs(h[A]).sum() - 1)
-    M = field.M.detach()
     xs = out.cache.x
     eM, eb = closed_form(field, xs, sig, {i: (xs[i], (g * h[i] / B) * u.expand(B, D)) for i in A})
     check(gM, gb, eM, eb)
@@ -171,7 +169,8 @@ def test_refl_and_drtune_posterior_means(seed):
     assert torch.allclose(out.y, xs[tau] - sig[tau] * vs[tau])
     check(gM, gb, *closed_form(field, xs, sig, {tau: (xs[tau], (-sig[tau] / B) * u.expand(B, D))}))
 
-    plan, out, gM, gb = engine_grad(field, get_method("drtune", "sd35", overrides=["active.k=2"]), sig, x0, cond, u, seed)
+    plan, out, gM, gb = engine_grad(field, get_method("drtune", "sd35", overrides=["active.k=2"]), sig, x0, cond, u,
+                                    seed)
     m = plan.segments[-1].start
     xs, vs = out.cache.x, out.cache.v
     assert torch.allclose(out.y, xs[m] - sig[m] * vs[m])

@@ -1,9 +1,8 @@
 import pytest
+from conftest import sd35_sigmas
 
 from flowbp_ops.methods import BACKBONES, METHODS, get_method
 from flowbp_ops.surrogate import ConfigError, build_plan
-
-from conftest import sd35_sigmas
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -162,7 +162,8 @@ def test_two_nodes_rendezvous_on_localhost(world, tmp_path):
     nodes = [subprocess.Popen([*base, "--node-rank", str(i)], env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [n.communicate(timeout=600) for n in nodes]
-    assert [n.returncode for n in nodes] == [0, 0], [[l for l in o[1].splitlines() if "error" in l] for o in outs]
+    assert [n.returncode for n in nodes] == [0, 0], [[line for line in o[1].splitlines() if "error" in line]
+                                                     for o in outs]
     printed = [json.loads(o[0][o[0].index("{"):]) for o in outs if "{" in o[0]]
     assert len(printed) == 1 and printed[0]["processes"] == 2 and printed[0]["global_batch"] == 4
     assert (tmp_path / "r" / "adapter" / "pytorch_lora_weights.safetensors").exists()

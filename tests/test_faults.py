@@ -136,8 +136,8 @@ SETTINGS = [
      r"train\.lr: .*finite", "refused at load"),
     ("guidance_nan", 4, ["stage", "cached_rollouts", "--set", "rollouts.guidance=NaN"], r"rollouts\.guidance.*finite",
      "refused at load"),
-    ("device_unknown", 4, ["stage", "evaluation", "--method", "refl", "--set", "device=gpu0"], r"unknown device 'gpu0'",
-     "refused at load, listing the devices"),
+    ("device_unknown", 4, ["stage", "evaluation", "--method", "refl", "--set", "device=gpu0"],
+     r"unknown device 'gpu0'", "refused at load, listing the devices"),
     ("reward_unknown", 4, ["stage", "trained_variant", "--method", "refl", "--set", "train.reward=nosuch"],
      r"unknown reward 'nosuch'", "refused at load, listing the rewards; the run's checkpoints stay"),
     ("composite_reward_bad_weight", 4, ["stage", "trained_variant", "--method", "refl", "--set",
@@ -266,7 +266,8 @@ def test_s3_base_model_climbs_out(ws, s3_bucket):
     code, err = cli("stage", "base_model", "--set", f"base_model.source=s3://{bucket}/sd/", "--set",
                     "train.backbone=sd35")
     refused(code, err, r"refused to write")
-    assert not (ws / "data" / "world" / "backbone.json").exists() and not (ws / "data" / "world" / "base_model").exists()
+    assert (not (ws / "data" / "world" / "backbone.json").exists()
+            and not (ws / "data" / "world" / "base_model").exists())
 
 
 @fault(1, "a symlink inside the destination pointing out, then a key under it", "refused by the confined-path check")
@@ -381,7 +382,8 @@ def test_kill_then_rerun_resumes_without_repeated_steps(ws):
     assert code == 0, err
     summary = json.loads((ws / "data" / "variants" / "refl" / "summary.json").read_text())
     assert 0 < summary["resumed_from"] < len(logged), (summary["resumed_from"], len(logged))
-    assert _steps(run / "metrics.jsonl") == list(range(40)) == _steps(ws / "data" / "variants" / "refl" / "metrics.jsonl")
+    assert (_steps(run / "metrics.jsonl") == list(range(40))
+            == _steps(ws / "data" / "variants" / "refl" / "metrics.jsonl"))
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("flowbp").experiment_id],
                               "tags.method = 'refl'", order_by=["attributes.start_time DESC"])
@@ -734,10 +736,9 @@ def test_rollback_walks_back_the_history(ws):
 
 @fault(8, "--rollback to a version whose recorded gates failed", "refused; the champion is unchanged")
 def test_rollback_rechecks_gates(ws):
+    import mlflow
     from flowbp_ops.params import load_params
     from flowbp_ops.tracking import Tracker
-
-    import mlflow
 
     tracker = Tracker(load_params("params.yaml").tracking)
     name = "flowbp-default"
@@ -762,8 +763,8 @@ def test_rollback_without_a_model(ws):
 # 9. secrets (the rest are in the settings table)
 # ---------------------------------------------------------------------------------------------------
 
-@fault(9, "a judge_url with credentials in a Dagster run's config", "the asset fails before the judge is called or the "
-       "URL logged; the message names FLOWBP_JUDGE_API_KEY")
+@fault(9, "a judge_url with credentials in a Dagster run's config", "the asset fails before the judge is called or "
+       "the URL logged; the message names FLOWBP_JUDGE_API_KEY")
 def test_dagster_refuses_credentials_in_the_run_config(ws, monkeypatch):
     import dagster as dg
 
@@ -926,7 +927,8 @@ def clone(tmp_path_factory):
     return dest
 
 
-@fault(10, "`scripts/dvc repro` in a fresh clone, as the README writes it", "runs the whole chain (.dvc/ is committed)")
+@fault(10, "`scripts/dvc repro` in a fresh clone, as the README writes it",
+       "runs the whole chain (.dvc/ is committed)")
 def test_readme_dvc_repro_in_a_fresh_clone(clone):
     work = clone.parent / "repro"
     shutil.copytree(clone, work, symlinks=True)
@@ -950,7 +952,8 @@ def table() -> str:
 
 def test_the_catalogue_is_large_and_in_the_readme():
     assert len(CATALOGUE) >= 50 and len({name for _, name, _, _ in CATALOGUE}) == len(CATALOGUE)
-    assert table() in (ROOT / "README.md").read_text(), "README's reliability table is stale: python -m tests.test_faults"
+    assert table() in (ROOT / "README.md").read_text(), ("README's reliability table is stale: "
+                                                         "python -m tests.test_faults")
 
 
 if __name__ == "__main__":

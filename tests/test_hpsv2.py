@@ -33,7 +33,8 @@ PROMPTS = ["a red cat", "a blue dog on the left"]
 def tiny_config():
     sizes = dict(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=4 * WIDTH)
     return hpsv2_config(vision_config=dict(sizes, patch_size=8, image_size=SIZE),
-                        text_config=dict(sizes, vocab_size=len(VOCAB), max_position_embeddings=CTX), projection_dim=DIM)
+                        text_config=dict(sizes, vocab_size=len(VOCAB), max_position_embeddings=CTX),
+                        projection_dim=DIM)
 
 
 @pytest.fixture(scope="module")

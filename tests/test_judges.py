@@ -13,11 +13,24 @@ import torch
 from PIL import Image
 
 from flowbp_ops.judges.geneval import (
-    TAGS, GenEvalEntry, GenEvalMetadataError, aggregate, check_image, keep_detections,
-    load_metadata, relative_position, score_geneval, select_by_tag,
+    TAGS,
+    GenEvalEntry,
+    GenEvalMetadataError,
+    aggregate,
+    check_image,
+    keep_detections,
+    load_metadata,
+    relative_position,
+    score_geneval,
+    select_by_tag,
 )
 from flowbp_ops.judges.vlm import (
-    JudgeHTTPError, JudgeReplyError, JudgeUnreachableError, VLMJudge, VLMJudgeConfig, parse_scores,
+    JudgeHTTPError,
+    JudgeReplyError,
+    JudgeUnreachableError,
+    VLMJudge,
+    VLMJudgeConfig,
+    parse_scores,
 )
 
 KEY_ENV, KEY = "FLOWBP_TEST_JUDGE_KEY", "sk-test-secret-4242"

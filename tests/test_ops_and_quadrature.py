@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import sd35_sigmas
 
 from flowbp_ops.methods import get_method
 from flowbp_ops.surrogate import bridge, build_plan, connector, scale_grad
 from flowbp_ops.surrogate.quadrature import active_supports, lagrange_weights, support_indices
-
-from conftest import sd35_sigmas
 
 
 def test_operators_keep_forward_values_bit_for_bit_and_route_gradients():

@@ -27,7 +27,8 @@ SMOKE = {
 
 def smoke_params(root: Path) -> dict:
     return {**SMOKE, "world_dir": str(root / "data" / "world"), "data_dir": str(root / "data"),
-            "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "mlartifacts")}}
+            "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db",
+                         "artifact_location": str(root / "mlartifacts")}}
 
 
 def test_params_defaults_overrides_and_errors(tmp_path):
@@ -67,7 +68,8 @@ def test_prompt_sets_from_files_and_s3(tmp_path, s3_bucket):
         prepare_prompt_set(str(csv), tmp_path / "c")
     assert prepare_prompt_set(str(csv), tmp_path / "c", column="caption")["n_train"] == 2
     for name, text, msg in [("e.txt", "\n  \n", "0 usable prompt"), ("m.json", "{not json", "malformed JSON"),
-                            ("o.json", '{"a": 1}', "JSON list"), ("n.jsonl", '{"prompt": 3}\n', "not a prompt string")]:
+                            ("o.json", '{"a": 1}', "JSON list"),
+                            ("n.jsonl", '{"prompt": 3}\n', "not a prompt string")]:
         (tmp_path / name).write_text(text)
         with pytest.raises(PromptSetError, match=msg):
             prepare_prompt_set(str(tmp_path / name), tmp_path / f"{name}.out")
@@ -87,8 +89,8 @@ def test_prompt_sets_from_files_and_s3(tmp_path, s3_bucket):
 
 
 def test_one_graph_for_dagster_and_dvc():
-    from pipelines.definitions import ASSETS, defs
     from flowbp_ops.stages.graph import STAGES, dvc_yaml
+    from pipelines.definitions import ASSETS, defs
 
     assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), "dvc.yaml drifted: run `flowbp pipeline dvc-yaml`"
     graph = defs.resolve_asset_graph()
@@ -111,8 +113,8 @@ def test_one_graph_for_dagster_and_dvc():
 
 
 def test_dagster_config_is_the_library_schema():
-    from pipelines.config import section_config
     from flowbp_ops.training.config import TrainConfig
+    from pipelines.config import section_config
 
     cls = section_config("TrainConfig", TrainConfig, TrainConfig())
     assert set(cls.model_fields) == set(TrainConfig.model_fields)
@@ -170,7 +172,8 @@ def test_chain_materializes_every_stage_and_tracks_in_mlflow(chain):
         assert ev["n_prompts"] == 4 and set(ev["gates"]) == {"reward_improved", "heldout_not_collapsed",
                                                              "diversity_not_collapsed"}
     assert json.loads((data / "rollouts" / "index.json").read_text())["n_prompts"] == 4
-    assert (data / "comparison" / "curves.png").exists() and "flowbp_sparse" in (data / "comparison" / "table.md").read_text()
+    assert ((data / "comparison" / "curves.png").exists()
+            and "flowbp_sparse" in (data / "comparison" / "table.md").read_text())
     promoted = json.loads((data / "promoted.json").read_text())
     assert promoted["promoted"] is None and "no variant passed" in promoted["reason"]
 
@@ -235,7 +238,6 @@ def test_kubernetes_pod_spec_validates(monkeypatch):
 
 def test_promotion_gates_aliases_and_rollback(chain):
     import mlflow
-
     from flowbp_ops.tracking import PromotionError, Tracker
 
     root, params, _ = chain
@@ -268,9 +270,9 @@ def test_stage_cli_refuses_bad_input(tmp_path, capsys):
 
 
 def test_compute_refuses_a_missing_gpu_and_defers_to_params():
-    from pipelines.resources import ComputeResource
-
     import torch
+
+    from pipelines.resources import ComputeResource
 
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
@@ -280,7 +282,8 @@ def test_compute_refuses_a_missing_gpu_and_defers_to_params():
         ComputeResource(precision="fp16").resolve(Params())
     # unset, the resource takes params.yaml's device and precision (Dagster runs a params file as DVC does)
     p = Params.model_validate({"train": {"precision": "bf16"}})
-    assert ComputeResource().resolve(p) == ("cpu", "bf16") and ComputeResource(precision="fp32").resolve(p)[1] == "fp32"
+    assert (ComputeResource().resolve(p) == ("cpu", "bf16")
+            and ComputeResource(precision="fp32").resolve(p)[1] == "fp32")
 
 
 def test_unreachable_mlflow_server_fails_fast_without_leaking_credentials(tmp_path, capsys):
@@ -321,7 +324,8 @@ def test_reward_weights_fetched_from_s3_with_checksums(tmp_path, s3_bucket):
     meta = stages.reward_models(params)
     assert meta["pickscore.sha256"] == sha256_of(src)
     assert (tmp_path / "world" / "rewards" / "pickscore" / "model.safetensors").read_bytes() == b"weights"
-    bad = params.model_copy(update={"rewards": params.rewards.model_copy(update={"checksums": {"pickscore": "0" * 64}})})
+    bad = params.model_copy(update={"rewards": params.rewards.model_copy(
+        update={"checksums": {"pickscore": "0" * 64}})})
     with pytest.raises(Exception, match="checksum mismatch"):
         stages.reward_models(bad)
 

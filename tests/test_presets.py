@@ -16,7 +16,8 @@ def test_every_preset_validates(name):
     t = p.train
     backbone, method = name.split("/")
     assert (t.method, t.backbone, t.rollout_steps, t.steps, t.lr, t.ema) == (method, backbone, 25, 300, 1e-5, 0.995)
-    assert (t.finetune, t.precision, t.gradient_checkpointing, t.r_max, t.grad_clip) == ("full", "bf16", True, 0.55, 1.0)
+    assert ((t.finetune, t.precision, t.gradient_checkpointing, t.r_max, t.grad_clip)
+            == ("full", "bf16", True, 0.55, 1.0))
     get_method(t.method, t.backbone, t.rollout_steps, t.method_overrides).check(t.rollout_steps)
     assert p.methods == [method] and p.base_model.source.startswith("hf://")
 

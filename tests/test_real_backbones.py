@@ -108,7 +108,8 @@ def test_saved_lora_loads_into_the_diffusers_pipeline(saved, tmp_path):
     kind, path = saved
     bb = load(kind, path)
     train(TrainConfig(method="flowbp_sparse", backbone=kind, steps=2, batch=2, rollout_steps=25, lr=5e-2,
-                      reward="test_brightness", heldout_rewards=[], checkpoint_every=2, ema=None), bb, PROMPTS, tmp_path)
+                      reward="test_brightness", heldout_rewards=[], checkpoint_every=2, ema=None),
+          bb, PROMPTS, tmp_path)
     save_lora(bb.transformer, tmp_path / "adapter", pipeline_class=bb.pipeline_class)
     pipe = getattr(diffusers, bb.pipeline_class).from_pretrained(str(path))
     x = torch.randn(bb.latent_shape(1), generator=torch.Generator().manual_seed(0))

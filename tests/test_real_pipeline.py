@@ -70,7 +70,6 @@ def test_train_preset_fetches_pins_and_trains_a_real_backbone(sources, tmp_path,
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_pipeline_stages_on_a_real_backbone_register_a_loadable_model(sources, tmp_path, finetune, stub):
     import mlflow
-
     from flowbp_ops import stages
     from flowbp_ops.params import params_from
     from flowbp_ops.presets import get_preset
@@ -88,7 +87,8 @@ def test_pipeline_stages_on_a_real_backbone_register_a_loadable_model(sources, t
     tracker = Tracker(params.tracking)
     summary = stages.trained_variant(params, "refl", tracker, {})
     adapter = tmp_path / "data" / "variants" / "refl" / "adapter"
-    assert (adapter / ("transformer/config.json" if finetune == "full" else "pytorch_lora_weights.safetensors")).exists()
+    assert (adapter / ("transformer/config.json" if finetune == "full"
+                       else "pytorch_lora_weights.safetensors")).exists()
     ev = stages.evaluation(params, "refl", tracker)  # loads the trained weights onto the pinned base model
     assert "reward/clipscore" in ev["variant"] and set(ev["gates"]) >= {"reward_improved"}
     if finetune == "lora":  # base and tuned images of both held-out prompts went to the judge

@@ -15,11 +15,11 @@ def clip_world(tmp_path_factory):
 
     world = tmp_path_factory.mktemp("world")
     torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(CLIP_VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=1),
-                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=32, patch_size=8),
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(CLIP_VOCAB), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                                      bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
                      projection_dim=8)
     model = CLIPModel(cfg)
     for name in ("clipscore", "pickscore"):  # the same weights: the two scores differ only by their formula

@@ -178,7 +178,8 @@ def test_9_sd35_evaluates_on_the_schedulers_own_grid():
     assert np.allclose(ours, sched.sigmas.double().numpy()) and abs(ours[-2] - 0.009) < 0.0005
     assert abs(get_schedule("sd35").sigmas(40)[-2] - 0.0714) < 0.001  # training's grid stays
     assert np.allclose(get_schedule("flux1").sigmas(50, grid="scheduler"), get_schedule("flux1").sigmas(50))
-    assert get_preset("sd35/refl").rollouts.grid == "scheduler" and get_preset("flux1/refl").rollouts.grid == "training"
+    assert (get_preset("sd35/refl").rollouts.grid == "scheduler"
+            and get_preset("flux1/refl").rollouts.grid == "training")
 
 
 @pytest.mark.parametrize("numerics", ["fp32_state", "authors"])

@@ -35,9 +35,9 @@ def _original_name(key: str) -> str:
     independently of the converter's renames."""
     if key.startswith("vision_model."):
         table = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
-                 "embeddings.patch_embedding": "patch_embed.proj", "post_layernorm": "norm", "encoder.layers": "blocks",
-                 "self_attn.projection": "attn.proj", "self_attn.qkv": "attn.qkv", "layer_norm1": "norm1",
-                 "layer_norm2": "norm2"}
+                 "embeddings.patch_embedding": "patch_embed.proj", "post_layernorm": "norm",
+                 "encoder.layers": "blocks", "self_attn.projection": "attn.proj", "self_attn.qkv": "attn.qkv",
+                 "layer_norm1": "norm1", "layer_norm2": "norm2"}
         key = key.removeprefix("vision_model.")
         for new, old in table.items():
             key = key.replace(new, old)

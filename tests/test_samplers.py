@@ -4,12 +4,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import sd35_sigmas
 
 from flowbp_ops.methods import METHODS, get_method
-from flowbp_ops.surrogate import build_plan
-from flowbp_ops.surrogate import samplers
-
-from conftest import sd35_sigmas
+from flowbp_ops.surrogate import build_plan, samplers
 
 
 def test_late_biased_single_draw_follows_power_law():

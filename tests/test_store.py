@@ -91,7 +91,8 @@ SMOKE = {
     "world": {"n_images": 256, "vae_steps": 3, "vae_batch": 8, "flow_steps": 3, "flow_batch": 8, "reward_steps": 2,
               "reward_batch": 8},
     "rollouts": {"n_steps": 3, "n_prompts": 4, "shard_size": 3},
-    "train": {"steps": 40, "batch": 2, "rollout_steps": 4, "checkpoint_every": 4, "heldout_rewards": ["align_heldout"]},
+    "train": {"steps": 40, "batch": 2, "rollout_steps": 4, "checkpoint_every": 4,
+              "heldout_rewards": ["align_heldout"]},
     "methods": ["refl"], "eval": {"grid_prompts": 2, "diversity_seeds": 2},
 }
 

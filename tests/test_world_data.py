@@ -1,6 +1,5 @@
 """The default world's data and text encoder (real data and a real encoder, both offline)."""
 
-import numpy as np
 import pytest
 import torch
 

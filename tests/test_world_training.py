@@ -28,7 +28,8 @@ def backbone(world):
 
 
 def small(method="flowbp_sparse", **kw):
-    base = dict(method=method, steps=3, batch=2, rollout_steps=5, checkpoint_every=1, heldout_rewards=["align_heldout"])
+    base = dict(method=method, steps=3, batch=2, rollout_steps=5, checkpoint_every=1,
+                heldout_rewards=["align_heldout"])
     return TrainConfig(**{**base, **kw})
 
 

@@ -15,12 +15,11 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch import Tensor
 
 from flowbp_ops.backbones.schedules import get_schedule
-from flowbp_ops.integrity import verify
 from flowbp_ops.backbones.sd3 import SD3_LORA_TARGETS, SD3Velocity
+from flowbp_ops.integrity import verify
 from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
 from flowbp_ops.world.base_model import decode_latents
 from flowbp_ops.world.text import MiniLMTextEncoder
-
 
 
 class DefaultBackbone:

@@ -36,7 +36,8 @@ def check_pipeline(index: Path, kind: str) -> str:
     Klein), or a clear error before any weight is downloaded."""
     if not index.exists():
         raise ConfigError(f"{index.parent} has no model_index.json: base_model.source must be a whole diffusers "
-                          "pipeline (a hub id such as hf://stabilityai/stable-diffusion-3.5-medium, or its saved folder)")
+                          "pipeline (a hub id such as hf://stabilityai/stable-diffusion-3.5-medium, or its saved "
+                          "folder)")
     meta = json.loads(index.read_text())
     found, expected = meta.get("_class_name"), adapter_class(kind).pipeline_class
     if found != expected:

@@ -125,7 +125,12 @@ def tiny_flux2_pipeline(seed: int = 0):
     """A ``Flux2KleinPipeline`` (Klein-base: real CFG) with its component classes, ~1 M parameters.
 
     The Qwen3 encoder has 28 layers (tiny ones) because the pipeline reads hidden states 9, 18, 27."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = _qwen_tokenizer()

@@ -116,7 +116,8 @@ def convert_open_clip_checkpoint(src_pt: str | Path, dst_dir: str | Path, tokeni
     config = config or hpsv2_config()
     config.text_config.eos_token_id = LEGACY_ARGMAX_EOS  # pool at argmax(ids), as open_clip does
     context = config.text_config.max_position_embeddings
-    tok = None if tokenizer_dir is None else openai_clip_tokenizer(tokenizer_dir, context)  # may refuse: before writing
+    # may refuse: before writing
+    tok = None if tokenizer_dir is None else openai_clip_tokenizer(tokenizer_dir, context)
     model = CLIPModel(config)
     try:
         result = model.load_state_dict(open_clip_to_transformers(state), strict=False)

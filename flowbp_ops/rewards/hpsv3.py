@@ -128,9 +128,9 @@ class HPSv3Reward:
 
         path = Path(path)
         if not (path / "config.json").exists() or not (path / "rm_head.safetensors").exists():
-            raise FileNotFoundError(f"no HPSv3 model at {path}: fetch HPSv3.safetensors (hf://MizzenAI/HPSv3) and the "
-                                    "Qwen2-VL-7B-Instruct configs with the reward_models stage (rewards.models.hpsv3 and "
-                                    "rewards.tokenizers.hpsv3), which converts them")
+            raise FileNotFoundError(f"no HPSv3 model at {path}: fetch HPSv3.safetensors (hf://MizzenAI/HPSv3) "
+                                    "and the Qwen2-VL-7B-Instruct configs with the reward_models stage "
+                                    "(rewards.models.hpsv3 and rewards.tokenizers.hpsv3), which converts them")
         check_recorded(path)
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # 16 GB in bf16 on a GPU, as released

@@ -82,7 +82,8 @@ class ImageReward:
             raise FileNotFoundError(
                 f"no ImageReward model at {path} (missing {', '.join(missing)}): fetch THUDM/ImageReward's "
                 f"ImageReward.pt (reward_models stage) and convert it with "
-                f"flowbp_ops.rewards.imagereward.convert_checkpoint(src_pt, {path}, tokenizer=<bert-base-uncased dir>)")
+                f"flowbp_ops.rewards.imagereward.convert_checkpoint(src_pt, {path}, "
+                f"tokenizer=<bert-base-uncased dir>)")
         check_recorded(path)
         blip = BlipForImageTextRetrieval.from_pretrained(path, use_safetensors=True)
         self.vision, self.text = freeze(blip.vision_model.to(device)), freeze(blip.text_encoder.to(device))

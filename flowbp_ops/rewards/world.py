@@ -39,7 +39,8 @@ class ConvNet(nn.Module):
         for i in range(depth):
             layers += [nn.Conv2d(c, width * 2**i, 3, stride=2, padding=1), nn.SiLU()]  # 32 → 16 → 8 → 4
             c = width * 2**i
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 16, 128), nn.SiLU())
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 16, 128),
+                                      nn.SiLU())
         self.heads = nn.ModuleDict({k: nn.Linear(128, n) for k, n in heads.items()})
         self.config = {"width": width, "depth": depth, "heads": dict(heads)}
 

@@ -9,7 +9,14 @@ a stage with its lock and the shared store.
 from flowbp_ops.stages.compare import method_comparison, promoted_model
 from flowbp_ops.stages.evaluate import evaluation, gates
 from flowbp_ops.stages.paths import Paths, paths
-from flowbp_ops.stages.prepare import backbone_of, base_model, cached_rollouts, eval_prompts, prompt_sets, reward_models
+from flowbp_ops.stages.prepare import (
+           backbone_of,
+           base_model,
+           cached_rollouts,
+           eval_prompts,
+           prompt_sets,
+           reward_models,
+)
 from flowbp_ops.stages.train import finite_weights, trained_variant, verified_variant
 
 __all__ = ["Paths", "paths", "prompt_sets", "reward_models", "base_model", "cached_rollouts", "eval_prompts",

@@ -38,14 +38,14 @@ def promoted_model(params: Params, tracker) -> dict:
 
     p = paths(params)
     if not (p.comparison / "comparison.json").exists():
-        raise FileNotFoundError(f"no method comparison in {p.comparison}: run it first (flowbp stage method_comparison, "
-                                "after evaluating the variants)")
+        raise FileNotFoundError(f"no method comparison in {p.comparison}: run it first (flowbp stage "
+                                "method_comparison, after evaluating the variants)")
     table = json.loads((p.comparison / "comparison.json").read_text())
     metric = params.promote_metric()
     missing = [m for m, v in table["variants"].items() if metric not in v["variant"]]
     if missing:
-        raise ConfigError(f"promote.metric={metric!r} was not measured for {', '.join(missing)}: rerun their evaluation "
-                          "with the settings that produce it, or pick another metric")
+        raise ConfigError(f"promote.metric={metric!r} was not measured for {', '.join(missing)}: rerun their "
+                          "evaluation with the settings that produce it, or pick another metric")
     ranked = sorted(table["variants"], key=lambda m: -table["variants"][m]["variant"][metric])
     passing = [m for m in ranked if all(g["passed"] for g in table["variants"][m]["gates"].values())]
     record: dict[str, Any] = {"metric": metric, "ranking": ranked, "passing": passing}

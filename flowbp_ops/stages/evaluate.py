@@ -78,10 +78,11 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
                              for _, cache, _, _ in shards for i in range(0, cache.x[-1].shape[0], batch)])
     grid_prompts = prompts[:: max(1, len(prompts) // e.grid_prompts)][: e.grid_prompts]  # spread over the set
     base = _score(base_images, prompts, rewards, classifier, batch, bb.device)
-    base["diversity"], base_grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed, batch,
-                                              r.grid)
+    base["diversity"], base_grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed,
+                                              batch, r.grid)
     load_trained(bb, p.variant(method) / "adapter")
-    images = generate(bb, prompts, r.n_steps, r.guidance, seed=r.seed, batch_size=batch, grid=r.grid).cpu()  # same noise
+    images = generate(bb, prompts, r.n_steps, r.guidance, seed=r.seed, batch_size=batch,
+                      grid=r.grid).cpu()  # same noise
     tuned = _score(images, prompts, rewards, classifier, batch, bb.device)
     tuned["diversity"], grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed, batch,
                                           r.grid)

@@ -1,4 +1,5 @@
-"""Where a pipeline's stage outputs live: under ``world_dir`` (what the world or the base model is) and ``data_dir``."""
+"""Where a pipeline's stage outputs live: under ``world_dir`` (what the world or the base model is) and
+``data_dir``."""
 
 from __future__ import annotations
 

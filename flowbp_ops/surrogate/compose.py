@@ -145,7 +145,8 @@ class Composer:
         first = plan.segments[0]
         leap = None
         if first.rule == "lagrange" and first.end < len(cache.x):  # the residual a single-velocity leap would leave
-            leap = per_sample_mean_abs(cache.x[first.start].float() + (plan.sigmas[first.end] - plan.sigmas[first.start])
+            leap = per_sample_mean_abs(cache.x[first.start].float()
+                                       + (plan.sigmas[first.end] - plan.sigmas[first.start])
                                        * cache.v[first.start].float(), cache.x[first.end].float())
         return SurrogateOutput(y=y, w=w.detach(), plan=plan, cache=cache, residuals=residuals,
                                composition_error=comp_err, grad_forwards=self.grad_forwards, d_j_leap=leap)

@@ -8,7 +8,6 @@ cached endpoint exactly.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

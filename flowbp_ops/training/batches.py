@@ -40,8 +40,9 @@ class Layout:
 
         g = global_batch or batch * world
         if g % (world * batch):
-            raise ConfigError(f"train.global_batch={g} is not a multiple of {world} process(es) × train.batch={batch}: "
-                              f"choose a global batch divisible by {world * batch}, or another batch / process count")
+            raise ConfigError(f"train.global_batch={g} is not a multiple of {world} process(es) × "
+                              f"train.batch={batch}: choose a global batch divisible by {world * batch}, or another "
+                              "batch / process count")
         return cls(g, batch, world)
 
 

@@ -40,7 +40,8 @@ class TrainConfig(BaseModel):
                                      "micro-batches accumulate to reach it (None: batch × processes)")
     rollout_steps: int = Field(10, ge=1, description="N, sampling steps of the training rollout")
     guidance: float | None = Field(4.0, ge=0, description="real CFG scale (None: no CFG)")
-    reward: Annotated[RewardSpec, AfterValidator(lambda v: _trainable(v))] = Field("align", description="training reward (registry name or 'a:0.7,b:0.3')")
+    reward: Annotated[RewardSpec, AfterValidator(lambda v: _trainable(v))] = Field(
+        "align", description="training reward (registry name or 'a:0.7,b:0.3')")
     heldout_rewards: list[RewardSpec] = Field(default_factory=lambda: ["align_heldout", "quality", "quality_heldout"])
     loss: Literal["hinge", "negative"] = Field("hinge", description="hinge: w·relu(r_max − r); negative: −w·r")
     cfg_grad_compensate: bool = Field(False, description="divide the loss by the guidance scale before backward "

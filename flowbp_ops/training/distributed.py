@@ -80,7 +80,8 @@ class Dist:
 
 
 def from_env() -> Dist:
-    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def setup(device: str) -> tuple[Dist, str]:

@@ -64,8 +64,9 @@ class RunDir:
         why = f"resumed at step {meta['step']}" + (f" (passed over {len(passed)} damaged newer checkpoint(s))"
                                                     if passed else "")
         if meta.get("world_size", 1) != dist.world:
-            why += (f"; written on {meta.get('world_size', 1)} process(es), resumed on {dist.world}: the same weights, "
-                    "optimizer state and data order (the batch layout is per step), float sums in another order")
+            why += (f"; written on {meta.get('world_size', 1)} process(es), resumed on {dist.world}: the same "
+                    "weights, optimizer state and data order (the batch layout is per step), float sums in another "
+                    "order")
         return ResumePoint(ckpt, int(meta["step"]), why, passed, meta)
 
     def start(self, base: str | None = None) -> None:

@@ -20,7 +20,8 @@ from flowbp_ops.world.text import EMBED_DIM
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1, norm_num_groups=8,
-    block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
 )
 # 16×16×4 latents, patch 4 → 16 image tokens (patch 2 gave 64 tokens at 2.3× the cost per step,
 # too slow for the 8-minute build); 16 text tokens from MiniLM (384-d)

@@ -21,8 +21,8 @@ from flowbp_ops.atomic import atomic_path
 from flowbp_ops.integrity import seal
 from flowbp_ops.prompts import default_prompt_set
 from flowbp_ops.world import digits
-from flowbp_ops.world.config import WorldConfig
 from flowbp_ops.world.base_model import Progress, encode_images, make_transformer, make_vae, train_flow, train_vae
+from flowbp_ops.world.config import WorldConfig
 from flowbp_ops.world.text import MiniLMTextEncoder
 from flowbp_ops.world.train_rewards import train_reward_nets
 

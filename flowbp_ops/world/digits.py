@@ -46,7 +46,8 @@ class Spec:
 
     def labels(self) -> tuple[int, int, int, int]:
         """Class indices per attribute (what the world's classifiers predict)."""
-        return (self.digit, list(COLORS).index(self.color), list(SIZES).index(self.size), POSITIONS.index(self.position))
+        return (self.digit, list(COLORS).index(self.color), list(SIZES).index(self.size),
+                POSITIONS.index(self.position))
 
 
 def all_specs() -> list[Spec]:
