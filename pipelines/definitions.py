@@ -97,7 +97,9 @@ def _external(stage: Stage, context, params, launcher: LauncherResource, storage
 
 def make_asset(stage: Stage) -> dg.AssetsDefinition:
     config_cls = stage_config(stage.name, sections(stage))
-    check_specs = [dg.AssetCheckSpec(name, asset=stage.name, description=desc, blocking=True)
+    # per-method stages: one check status per method (a later method's gate does not hide an earlier one's)
+    check_specs = [dg.AssetCheckSpec(name, asset=stage.name, description=desc, blocking=True,
+                                     partitions_def=METHOD_PARTITIONS if stage.per_method else None)
                    for name, desc in stage.checks]
 
     @dg.asset(name=stage.name, description=stage.description, group_name="flowbp",

@@ -208,6 +208,12 @@ def test_gpu_stages_run_through_pipes_and_report_back(chain):
     assert mat is not None and "adapter_sha256" in mat.asset_materialization.metadata
     checks = result["variants"]["flowbp_sparse"]["checks"]
     assert set(checks) == {"finite_weights", "reward_improved", "heldout_not_collapsed", "diversity_not_collapsed"}
+    # partitioned checks: every evaluation carries its method, so each method keeps its own status
+    for method in params.methods:
+        logs = instance.all_logs(result["variants"][method]["run_id"])
+        evaluations = [e.dagster_event.event_specific_data for e in logs
+                       if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"]
+        assert len(evaluations) == 4 and {ev.partition for ev in evaluations} == {method}
 
 
 def test_kubernetes_pod_spec_validates(monkeypatch):
