@@ -46,6 +46,9 @@ def _cmd_world_build(args: argparse.Namespace) -> int:
         cfg = WorldConfig(**{**base.model_dump(), **changes})
     except ValidationError as exc:
         raise ConfigError(fields(exc)) from None
+    from flowbp_ops.determinism import pin_cpu
+
+    pin_cpu(cfg.threads)
     bar, update = _progress()
     with bar:
         meta = build_world(args.out, cfg, update, overwrite=args.overwrite)
@@ -178,6 +181,10 @@ def _train_backbone(args, params, device: str):
     from flowbp_ops.backbones.default import DefaultBackbone
 
     if params is None:
+        if device == "cpu":
+            from flowbp_ops.determinism import pin_for_world
+
+            pin_for_world(args.world)
         return DefaultBackbone(Path(args.world), device=device), Path(args.world)
     return stages.backbone_of(params.model_copy(update={"device": device})), Path(params.world_dir)
 
@@ -223,7 +230,9 @@ def _prepare_preset(params) -> None:
 def _load_backbone(args):
     from flowbp_ops.adapters import load_trained
     from flowbp_ops.backbones.default import DefaultBackbone
+    from flowbp_ops.determinism import pin_for_world
 
+    pin_for_world(args.world)
     backbone = DefaultBackbone(Path(args.world))
     if args.adapter:
         load_trained(backbone, args.adapter)
@@ -250,14 +259,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from flowbp_ops.evaluation import evaluate
+    from flowbp_ops.evaluation import evaluate, judge_for
     from flowbp_ops.rewards.base import get_reward
 
     backbone = _load_backbone(args)
     prompts = load_prompts(Path(args.world), args.split)[: args.limit]
     rewards = {n: get_reward(n, world_dir=args.world) for n in args.rewards}
-    classifier = get_reward("align_heldout", world_dir=args.world).net
-    print(json.dumps(evaluate(backbone, prompts, rewards, args.steps, args.guidance, classifier), indent=2))
+    judge = judge_for("default", args.world)
+    print(json.dumps(evaluate(backbone, prompts, rewards, args.steps, args.guidance, judge, args.seed), indent=2))
     return 0
 
 
@@ -301,6 +310,6 @@ def add_commands(sub) -> None:
             p.add_argument("--out", default="samples/sample.png")
         else:
             p.add_argument("--split", default="test", choices=["train", "test"])
-            p.add_argument("--limit", type=positive_int, default=200)
+            p.add_argument("--limit", type=positive_int, default=600)
             p.add_argument("--rewards", nargs="+", default=["align", "align_heldout", "quality", "quality_heldout"])
         p.set_defaults(func=fn)

@@ -47,8 +47,10 @@ def plot_curves(curves: dict[str, list[list[dict]]], path: Path, window: int = 5
 
 def compare(evals: dict[str, dict], curves: dict[str, list[dict]], out_dir: Path) -> dict:
     """``evals``: per method the evaluation stage's metrics.json; ``curves``: its per-step rows."""
-    rewards = [k for k in next(iter(evals.values()))["variant"] if k.startswith("reward/")]
-    cols = rewards + ["acc_all", "diversity"]
+    first = next(iter(evals.values()))["variant"]
+    rewards = [k for k in first if k.startswith("reward/")]
+    judged = [k for k in first if k in ("geneval/overall", "judge/alignment", "judge/quality")]
+    cols = rewards + judged + ["diversity"]
     base = next(iter(evals.values()))["base"]
     lines = ["| variant | " + " | ".join(c.removeprefix("reward/") for c in cols) + " | gates |",
              "|" + "---|" * (len(cols) + 2)]

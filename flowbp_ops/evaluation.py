@@ -1,4 +1,4 @@
-"""Held-out evaluation: every reward and the attribute accuracy of a held-out classifier."""
+"""Held-out evaluation: every reward's mean, and a judge's metrics (the default world's GenEval in miniature)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,25 @@ from typing import Any
 
 import torch
 
-from flowbp_ops.rewards.world import HEADS, prompt_labels
 from flowbp_ops.sampling import generate
 
 
-@torch.no_grad()
-def attribute_accuracy(classifier, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    """Per-attribute and all-attributes accuracy of a (held-out) attribute classifier."""
-    logits = classifier(images)
-    labels = prompt_labels(prompts, images.device)
-    right = {k: logits[k].argmax(-1) == labels[k] for k in HEADS}
-    out = {f"acc_{k}": float(v.float().mean()) for k, v in right.items()}
-    out["acc_all"] = float(torch.stack(list(right.values())).all(0).float().mean())
-    return out
-
-
 def evaluate(backbone, prompts: list[str], rewards: dict[str, Any], n_steps: int, guidance: float | None,
-             classifier=None, seed: int = 42) -> dict[str, float]:
+             judge=None, seed: int = 42) -> dict[str, float]:
+    """``reward/<name>`` per reward and the judge's metrics (``judge.metrics(images, prompts)``) when given."""
     images = generate(backbone, prompts, n_steps, guidance, seed=seed)
     with torch.no_grad():
         out = {f"reward/{n}": float(r(images, prompts).mean()) for n, r in rewards.items()}
-    if classifier is not None:
-        out.update(attribute_accuracy(classifier, images, prompts))
+    if judge is not None:
+        out.update(judge.metrics(images, prompts))
     return out
+
+
+def judge_for(backbone_name: str, world_dir) -> Any:
+    """The held-out judge of a backbone's world: the default world's GenEval-style judge, else None (plug a real
+    GenEval detector into :func:`flowbp_ops.judges.geneval.score_geneval`, or serve a VLM judge)."""
+    if backbone_name != "default":
+        return None
+    from flowbp_ops.world.judge import load_judge
+
+    return load_judge(world_dir)

@@ -89,7 +89,7 @@ class RolloutParams(_Section):
     grid: Literal["training", "scheduler"] = Field("training", description="the sigma grid of the evaluation "
                                                    "(cached rollouts and variants): training's, or the pipeline "
                                                    "scheduler's own (the authors' SD3.5 evaluation)")
-    n_prompts: int = Field(200, ge=1, description="held-out prompts rolled out with the base model (the eval set)")
+    n_prompts: int = Field(600, ge=1, description="held-out prompts rolled out with the base model (the eval set)")
     seed: int = 42
     shard_size: int = Field(50, ge=1)
 
@@ -115,10 +115,12 @@ class EvalParams(_Section):
 class PromoteParams(_Section):
     model_name: str = "flowbp-default"
     metric: str | None = Field(None, description="the evaluation metric that picks the best variant (None: the "
-                                                 "training reward, reward/<train.reward>)")
+                                                 "held-out judge's — geneval/overall on the default world, "
+                                                 "judge/alignment with eval.judge_url — else the training reward)")
     min_improvement: float = Field(0.0, description="training reward must beat the base model by more than this")
-    heldout_tolerance_sd: float = Field(0.5, ge=0, description="held-out rewards may fall at most this many "
+    heldout_tolerance_sd: float = Field(0.25, ge=0, description="held-out rewards may fall at most this many "
                                         "standard deviations of the base model's scores")
+    min_judge_gain: float = Field(0.0, description="the held-out judge's score must change by at least this much")
     min_diversity_ratio: float = Field(0.5, ge=0, description="sample diversity must keep this fraction of the base's")
 
 
@@ -200,8 +202,14 @@ class Params(_Section):
                              f"choose from {', '.join(self.metrics())}")
         return self
 
+    def judge_metric(self) -> str | None:
+        """The held-out judge's headline metric, if this run has a judge."""
+        if self.train.backbone == "default":
+            return "geneval/overall"
+        return "judge/alignment" if self.eval.judge_url else None
+
     def promote_metric(self) -> str:
-        return self.promote.metric or f"reward/{self.train.reward}"
+        return self.promote.metric or self.judge_metric() or f"reward/{self.train.reward}"
 
     def metrics(self) -> list[str]:
         """The evaluation's per-variant metric names (what promotion can rank by)."""
@@ -209,8 +217,10 @@ class Params(_Section):
 
         names = list(dict.fromkeys([self.train.reward, *self.eval.rewards]))
         out = [f"reward/{n}" for n in names] + ["diversity"]
-        if self.train.backbone == "default":  # the held-out attribute classifier of the default world
-            out += ["acc_all", "acc_digit", "acc_color", "acc_size", "acc_position"]
+        if self.train.backbone == "default":  # the default world's GenEval-style judge
+            from flowbp_ops.world.scenes import TAGS
+
+            out += ["geneval/overall"] + [f"geneval/{t}" for t in TAGS]
         if self.eval.judge_url:
             out += ["judge/alignment", "judge/quality"]
         assert all(parse_spec(n) for n in names)

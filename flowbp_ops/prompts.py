@@ -3,9 +3,8 @@
 A prompt set is a folder with ``train.txt`` and ``test.txt`` (one prompt per line) and
 ``meta.json`` (source, checksum, counts, seed). Sources:
 
-* ``default``: the default world's digit prompts; the held-out split holds out whole
-  (digit, colour, position) combinations (``specs.json`` keeps the attributes, which the
-  default base model trains on);
+* ``default``: the default world's GenEval-style prompts; the held-out split holds out whole
+  combinations (``specs.json`` keeps the scenes, which the default base model trains on);
 * a local path, ``s3://bucket/key`` or ``hf://datasets/owner/name[@rev]/file``: a ``.txt``
   file (one prompt per line), ``.jsonl`` / ``.json`` (a list of strings or of objects with a
   ``column`` field) or ``.csv`` (a ``column`` column); split at random with a fixed seed.
@@ -130,16 +129,20 @@ def _load(source: str, column: str) -> tuple[list[str], str, list[str]]:
     return clean(raw), digest, raw
 
 
-def default_prompt_set(out_dir: str | Path, seed: int = 0) -> dict:
-    from flowbp_ops.world import digits
+def default_prompt_set(out_dir: str | Path, seed: int = 0, train_per_tag: int = 400, test_per_tag: int = 100) -> dict:
+    """The default world's GenEval-style prompts: held-out combinations in ``test.txt``; both files list every tag
+    equally often (a tag with fewer prompts repeats them, as GenEval samples several images per prompt), tag by
+    tag, so that the first ``n`` held-out prompts are balanced too."""
+    from flowbp_ops.world import scenes
 
-    train_specs, test_specs = digits.split_specs(seed)
-    expand = lambda specs: [s.prompt(t) for s in specs for t in range(len(digits.TEMPLATES))]  # noqa: E731
-    specs = {"train": [asdict(s) for s in train_specs], "test": [asdict(s) for s in test_specs],
-             "templates": list(digits.TEMPLATES)}
-    meta = {"source": "default", "seed": seed, "n_train_specs": len(train_specs), "n_test_specs": len(test_specs),
-            "held_out": "(digit, colour, position) combinations"}
-    return _write(out_dir, expand(train_specs), expand(test_specs), meta, extra={"specs.json": specs})
+    train, test = scenes.split_scenes(seed)
+    specs = {"train": [asdict(s) for s in train], "test": [asdict(s) for s in test], "tags": list(scenes.TAGS)}
+    meta = {"source": "default", "seed": seed, "n_train_scenes": len(train), "n_test_scenes": len(test),
+            "held_out": "digit pairs, (digit, colour) and (digit, count) combinations",
+            "per_tag": {"train": train_per_tag, "test": test_per_tag}}
+    prompts = lambda pool, n: [s.prompt() for s in scenes.balanced(pool, n, seed)]  # noqa: E731
+    return _write(out_dir, prompts(train, train_per_tag), prompts(test, test_per_tag), meta,
+                  extra={"specs.json": specs})
 
 
 def _write(out_dir, train: list[str], test: list[str], meta: dict, extra: dict | None = None) -> dict:

@@ -1,7 +1,7 @@
 """The registered model: a pyfunc that loads the base model plus the trained adapter and draws images.
 
     model = mlflow.pyfunc.load_model("models:/flowbp-default@champion")
-    images = model.predict(["a small red 7 on the left"], params={"steps": 20, "guidance": 4.0, "seed": 42})
+    images = model.predict(["a photo of a red seven"], params={"steps": 20, "guidance": 4.0, "seed": 42})
 
 ``predict`` returns uint8 images (B, H, W, 3). Used for the default world's model (not a
 diffusers pipeline: its text encoder is MiniLM) and for fully fine-tuned real backbones (MLflow's

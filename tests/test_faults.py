@@ -494,9 +494,9 @@ def test_sample_refuses_a_damaged_adapter(ws):
 
 @fault(5, "a flipped byte in a reward net of the world", "refused when the reward loads, naming the file")
 def test_flipped_reward_net_is_refused(ws):
-    _damage(ws / "data" / "world" / "rewards" / "align.safetensors", "flip")
+    _damage(ws / "data" / "world" / "rewards" / "align_0.safetensors", "flip")
     code, err = cli("stage", "evaluation", "--method", "refl")
-    refused(code, err, r"reward model align .*changed: align\.safetensors")
+    refused(code, err, r"reward model align_0 .*changed: align_0\.safetensors")
 
 
 @fault(5, "a flipped byte in the world's transformer", "refused when the backbone loads")

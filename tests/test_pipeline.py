@@ -261,7 +261,7 @@ def test_promotion_gates_aliases_and_rollback(chain):
     # the registered model loads by alias and draws images with the adapter
     mlflow.set_tracking_uri(params.tracking.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    images = model.predict(["a small red 7 on the left"], params={"steps": 2})
+    images = model.predict(["a photo of a red seven"], params={"steps": 2})
     assert images.shape == (1, 32, 32, 3) and images.dtype.name == "uint8"
 
 

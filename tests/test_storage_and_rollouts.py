@@ -43,7 +43,7 @@ def test_cached_rollouts_round_trip_and_match_sampling(world, tmp_path):
     from flowbp_ops.sampling import generate
 
     bb = DefaultBackbone(world)
-    prompts = ["a small red 7 on the left", "a large blue 2 on the right", "green number one, drawn small, left side"]
+    prompts = ["a photo of a red seven", "a photo of a two left of a six", "a photo of three ones"]
     meta = generate_rollouts(bb, prompts, 4, 4.0, tmp_path / "r", seed=42, shard_size=2)
     assert [s["n"] for s in meta["shards"]] == [2, 1]
     for i in range(4):  # regenerating writes the same bytes (a DVC no-op), whatever order safetensors picks

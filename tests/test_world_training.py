@@ -35,9 +35,10 @@ def small(method="flowbp_sparse", **kw):
 
 def test_world_layout_and_refusals(world, tmp_path):
     assert (world / "vae" / "config.json").exists() and (world / "transformer" / "config.json").exists()
-    assert {p.name for p in (world / "rewards").iterdir()} >= {"align.safetensors", "quality_heldout.json"}
+    assert {p.name for p in (world / "rewards").iterdir()} >= {"align_0.safetensors", "quality_heldout.json",
+                                                               "detector.json"}
     meta = json.loads((world / "world.json").read_text())
-    assert meta["n_test_specs"] > 0 and set(meta["timings"]) >= {"vae_s", "flow_s", "rewards_s"}
+    assert meta["n_test_scenes"] > 0 and set(meta["timings"]) >= {"vae_s", "flow_s", "rewards_s"}
     with pytest.raises(FileExistsError):
         build_world(world, WorldConfig.smoke())
 
@@ -52,7 +53,7 @@ def test_world_layout_and_refusals(world, tmp_path):
 
 def test_rewards_are_differentiable_and_refuse_bad_input(world):
     images = torch.rand(3, 3, 32, 32, requires_grad=True)
-    prompts = ["a small red seven on the left", "a large blue two on the right", "on the left: a green one, small"]
+    prompts = ["a photo of a red seven", "a photo of a two left of a six", "a photo of three ones"]
     for name in ["align", "align_heldout", "quality", "quality_heldout", "align:0.7,quality:0.3"]:
         r = get_reward(name, world_dir=world)(images, prompts)
         assert r.shape == (3,) and torch.isfinite(r).all()
@@ -62,7 +63,7 @@ def test_rewards_are_differentiable_and_refuse_bad_input(world):
         get_reward("align", world_dir=world)(torch.rand(3, 32, 32), prompts)
     with pytest.raises(ValueError, match="3 images but 2 prompts"):
         get_reward("align", world_dir=world)(images, prompts[:2])
-    with pytest.raises(ValueError, match="must name exactly one colour|must name exactly one color"):
+    with pytest.raises(ValueError, match="not a default-world prompt"):
         get_reward("align", world_dir=world)(images[:1], ["a seven on the left, small"])
     with pytest.raises(ValueError, match="unknown reward .hps."):
         get_reward("hps", world_dir=world)
@@ -135,7 +136,7 @@ def test_lora_adapter_round_trip_through_diffusers(world, prompts, tmp_path):
     assert all(b == path.read_bytes() for b in again)
     fresh = backbone(world)
     x = torch.randn(2, 4, 16, 16)
-    cond = fresh.conditioning(["a small red seven on the left"] * 2, None)
+    cond = fresh.conditioning(["a photo of a red seven"] * 2, None)
     den = fresh.denoiser(None)
     with torch.no_grad():
         base = den(x, 0.5, cond)
@@ -163,10 +164,10 @@ def test_cli_train_sample_evaluate_and_refusals(world, tmp_path, capsys):
     capsys.readouterr()
     png = tmp_path / "grid.png"
     assert main(["sample", "--world", str(world), "--adapter", str(run / "adapter"), "--steps", "3",
-                 "--prompt", "a small red seven on the left", "--prompt", "a large blue two on the right",
+                 "--prompt", "a photo of a red seven", "--prompt", "a photo of a blue two and a green six",
                  "--out", str(png)]) == 0
     assert png.exists() and png.stat().st_size > 0
     capsys.readouterr()
     assert main(["evaluate", "--world", str(world), "--steps", "3", "--limit", "4"]) == 0
-    assert "acc_all" in json.loads(capsys.readouterr().out)
+    assert "geneval/overall" in json.loads(capsys.readouterr().out)
     assert main(["sample", "--world", str(world), "--adapter", str(tmp_path / "nope"), "--prompt", "x"]) == 2

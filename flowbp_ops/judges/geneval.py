@@ -75,7 +75,8 @@ class GenEvalResult:
     overall: float = float("nan")  # mean of the tag accuracies, as GenEval reports
 
 
-def _validate(obj: object, lineno: int) -> GenEvalEntry:
+def entry_from(obj: object, lineno: int = 0) -> GenEvalEntry:
+    """One metadata line (a parsed JSON object) as an entry; a clear error naming what does not follow the format."""
     def need(cond: bool, what: str) -> None:
         if not cond:
             raise GenEvalMetadataError(f"line {lineno}: {what}")
@@ -120,7 +121,7 @@ def load_metadata(path: str | Path = METADATA_PATH) -> list[GenEvalEntry]:
             except json.JSONDecodeError as exc:
                 raise GenEvalMetadataError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
             try:
-                entries.append(_validate(obj, lineno))
+                entries.append(entry_from(obj, lineno))
             except GenEvalMetadataError as exc:
                 raise GenEvalMetadataError(f"{path}: {exc}") from None
     return entries

@@ -36,30 +36,25 @@ def _diversity(backbone, prompts: list[str], n_seeds: int, steps: int, guidance,
     return float(d.mean() / flat.shape[-1] ** 0.5), grid
 
 
-def _score(images, prompts, rewards: dict, classifier, batch: int, device) -> dict[str, float]:
-    """Mean and spread of every reward (and attribute accuracy) over CPU images, scored in batches on ``device``."""
-    from flowbp_ops.evaluation import attribute_accuracy
-
+def _score(images, prompts, rewards: dict, judge, batch: int, device) -> dict[str, float]:
+    """Mean and spread of every reward over CPU images, scored in batches on ``device``; the judge's metrics."""
     scores: dict[str, list] = {n: [] for n in rewards}
-    acc: dict[str, float] = {}
     for i in range(0, len(prompts), batch):
         x, ps = images[i:i + batch].to(device), prompts[i:i + batch]
         for n, r in rewards.items():
             scores[n].append(r(x, ps).float().cpu())
-        if classifier is not None:  # accuracies are means: weight each batch by its size
-            for k, v in attribute_accuracy(classifier, x, ps).items():
-                acc[k] = acc.get(k, 0.0) + v * len(ps) / len(prompts)
     out = {}
     for n, parts in scores.items():
         s = torch.cat(parts)
         out[f"reward/{n}"], out[f"reward_std/{n}"] = float(s.mean()), float(s.std())
-    return {**out, **acc}
+    return {**out, **(judge.metrics(images, prompts) if judge is not None else {})}
 
 
 @torch.no_grad()
 def evaluation(params: Params, method: str, tracker=None) -> dict:
     """Held-out metrics of a variant next to the base model's (from the cached rollouts), and the gates."""
     from flowbp_ops.adapters import load_trained
+    from flowbp_ops.evaluation import judge_for
     from flowbp_ops.rewards.base import get_reward
     from flowbp_ops.rollout_store import load_rollouts
     from flowbp_ops.sampling import generate
@@ -68,7 +63,7 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
     summary = verified_variant(params, method)
     names = dict.fromkeys([params.train.reward, *e.rewards])  # the training reward (maybe a composite) first
     rewards = {n: get_reward(n, world_dir=params.world_dir, device=params.device) for n in names}
-    classifier = getattr(rewards.get("align_heldout"), "net", None)
+    judge = judge_for(params.train.backbone, params.world_dir)
     bb = backbone_of(params)  # the base model; the variant's weights go onto it below
     batch = 64 if params.train.backbone == "default" else 4  # real backbones: 512² images, fp32 VAE decode
 
@@ -77,13 +72,13 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
     base_images = torch.cat([bb.decode(cache.x[-1][i:i + batch].to(bb.device)).cpu()
                              for _, cache, _, _ in shards for i in range(0, cache.x[-1].shape[0], batch)])
     grid_prompts = prompts[:: max(1, len(prompts) // e.grid_prompts)][: e.grid_prompts]  # spread over the set
-    base = _score(base_images, prompts, rewards, classifier, batch, bb.device)
+    base = _score(base_images, prompts, rewards, judge, batch, bb.device)
     base["diversity"], base_grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed,
                                               batch, r.grid)
     load_trained(bb, p.variant(method) / "adapter")
     images = generate(bb, prompts, r.n_steps, r.guidance, seed=r.seed, batch_size=batch,
                       grid=r.grid).cpu()  # same noise
-    tuned = _score(images, prompts, rewards, classifier, batch, bb.device)
+    tuned = _score(images, prompts, rewards, judge, batch, bb.device)
     tuned["diversity"], grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed, batch,
                                           r.grid)
     if e.judge_url:  # evaluation only: a served VLM's 1-5 scores next to the rewards
@@ -112,7 +107,9 @@ def gates(params: Params, base: dict, tuned: dict) -> dict[str, dict]:
     """The promotion gates (also Dagster's blocking asset checks): improvement, no hacking, no collapse.
 
     Held-out rewards live on different scales (probabilities, logits), so their change is
-    measured in standard deviations of the base model's scores on the same prompts.
+    measured in standard deviations of the base model's scores on the same prompts. The held-out judge
+    (the default world's GenEval in miniature, or a served VLM judge) must not fall either: a training reward
+    that rises while what it stands for does not is the hack the gates are for.
     """
     pr = params.promote
     train_key = f"reward/{params.train.reward}"
@@ -124,6 +121,13 @@ def gates(params: Params, base: dict, tuned: dict) -> dict[str, dict]:
     worst = min(held.values()) if held else 0.0
     out["heldout_not_collapsed"] = {"passed": worst >= -pr.heldout_tolerance_sd, "worst_change_sd": worst,
                                     "change_sd": held, "tolerance_sd": pr.heldout_tolerance_sd}
+    judged = params.judge_metric()
+    if judged in tuned:
+        change = tuned[judged] - base[judged]
+        out["heldout_judge_improved"] = {"passed": change >= pr.min_judge_gain, "metric": judged, "change": change,
+                                         "min": pr.min_judge_gain}
+    else:
+        out["heldout_judge_improved"] = {"passed": True, "skipped": "no held-out judge: set eval.judge_url"}
     ratio = tuned["diversity"] / max(base["diversity"], 1e-12)
     out["diversity_not_collapsed"] = {"passed": ratio >= pr.min_diversity_ratio, "ratio": ratio,
                                       "min_ratio": pr.min_diversity_ratio}

@@ -37,17 +37,21 @@ class Stage:
 W = "data/world"
 GATES = (("reward_improved", "training reward on held-out prompts beats the base model"),
          ("heldout_not_collapsed", "held-out rewards did not fall more than the tolerance (reward hacking)"),
+         ("heldout_judge_improved", "the held-out judge (GenEval in miniature, or a VLM) did not fall"),
          ("diversity_not_collapsed", "samples per prompt stay diverse (mode collapse)"))
 STAGES: tuple[Stage, ...] = (
     Stage("prompt_sets", "Prompt set: loaded, normalised, deduplicated, split with a fixed seed",
           params=("world_dir", "prompts"), outs=(f"{W}/prompts",)),
     Stage("reward_models", "Reward models: the default world's (trained here) or fetched and checksummed",
-          params=("world_dir", "rewards", "world.seed", "world.reward_steps", "world.reward_batch"),
+          params=("world_dir", "rewards") + tuple(f"world.{k}" for k in (
+              "seed", "threads", "reward_steps", "reward_batch", "adv_eps", "critic_steps", "detector_steps",
+              "detector_batch")),
           outs=(f"{W}/rewards",)),
     Stage("base_model", "Base model: the default world's VAE + SD3-architecture DiT, trained here",
           deps=("prompt_sets",),
-          params=("base_model",) + tuple(f"world.{k}" for k in ("seed", "n_images", "vae_steps", "vae_batch", "vae_lr",
-                                                               "flow_steps", "flow_batch", "flow_lr", "cfg_dropout")),
+          params=("base_model",) + tuple(f"world.{k}" for k in (
+              "seed", "threads", "n_images", "vae_steps", "vae_batch", "vae_lr", "flow_steps", "flow_batch", "flow_lr",
+              "flow_ema", "cfg_dropout")),
           outs=(f"{W}/vae", f"{W}/transformer", f"{W}/base_model.json")),
     Stage("cached_rollouts", "No-grad base-model rollouts of the held-out prompts with their caches (sharded)",
           deps=("prompt_sets", "base_model"), params=("rollouts",), outs=("data/rollouts",), gpu=True),
@@ -58,7 +62,7 @@ STAGES: tuple[Stage, ...] = (
           metrics=("data/variants/${item}/summary.json",),
           plots={"data/variants/${item}/metrics.jsonl": {"x": "step", "y": "reward"}}, per_method=True, gpu=True,
           tracked=True, checks=(("finite_weights", "every trained weight is finite"),), job="variant"),
-    Stage("evaluation", "Held-out rewards, attribute accuracy, diversity and sample grid vs the base model",
+    Stage("evaluation", "Held-out rewards, the held-out judge, diversity and sample grid vs the base model",
           deps=("trained_variant", "reward_models", "cached_rollouts"),
           params=("eval", "promote", "rollouts", "train.reward"),
           outs=("data/eval/${item}/samples.png",), metrics=("data/eval/${item}/metrics.json",),

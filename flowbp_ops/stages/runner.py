@@ -37,6 +37,10 @@ def run_stage(name: str, params: Params, method: str | None = None, *, tracker=N
     from flowbp_ops.training.distributed import Dist
 
     stage, dist = BY_NAME[name], dist or Dist()
+    if params.train.backbone == "default" and params.device == "cpu":  # the default world's pinned numerics
+        from flowbp_ops.determinism import pin_cpu
+
+        pin_cpu(params.world.threads)
     if stage.per_method and not method:
         raise ConfigError(f"stage {name} needs a method, one of {', '.join(params.methods)}")
     if not stage.per_method and method:

@@ -205,7 +205,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.float16 if authors else torch.bfloat16,
                             enabled=authors or cfg.precision == "bf16"):  # the authors score under fp16 autocast
             r = self.reward(images, scored).float()
-        per_sample = torch.relu(cfg.r_max - r) if cfg.loss == "hinge" else -r
+        per_sample = {"hinge": lambda: torch.relu(cfg.r_max - r), "negative": lambda: -r,
+                      "log_hinge": lambda: torch.relu(math.log(cfg.r_max) - torch.log(r.clamp_min(1e-12)))}[cfg.loss]()
         loss = (out.w * per_sample).mean()
         if cfg.cfg_grad_compensate and cfg.guidance:  # the authors' CFG gradient compensation (spec §6.6)
             loss = loss / cfg.guidance

@@ -86,9 +86,14 @@ def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
 
 def train_flow(transformer: SD3Transformer2DModel, latents: Tensor, tokens: Tensor, pooled: Tensor,
                null: dict[str, Tensor], steps: int, batch: int, lr: float, seed: int, cfg_dropout: float = 0.1,
-               progress: Progress | None = None) -> SD3Transformer2DModel:
-    """Rectified flow matching: predict ``ε − x`` at ``x_σ = (1−σ)x + σε``, σ = sigmoid(N(0, 1))."""
+               ema_decay: float = 0.999, progress: Progress | None = None) -> SD3Transformer2DModel:
+    """Rectified flow matching: predict ``ε − x`` at ``x_σ = (1−σ)x + σε``, σ = sigmoid(N(0, 1)); returns the
+    exponential moving average of the weights (diffusers' ``EMAModel``), which samples far better
+    than the last iterate of so short a run."""
+    from diffusers.training_utils import EMAModel
+
     g = torch.Generator().manual_seed(seed)
+    ema = EMAModel(transformer.parameters(), decay=ema_decay, foreach=True)  # decay min(d, (1+t)/(10+t))
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     transformer.train()
@@ -109,6 +114,8 @@ def train_flow(transformer: SD3Transformer2DModel, latents: Tensor, tokens: Tens
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         opt.step()
         sched.step()
+        ema.step(transformer.parameters())
         if progress:
             progress("flow", step + 1, steps, loss.item())
+    ema.copy_to(transformer.parameters())
     return transformer.eval()

@@ -20,7 +20,7 @@ import torch
 from flowbp_ops.atomic import atomic_path
 from flowbp_ops.integrity import seal
 from flowbp_ops.prompts import default_prompt_set
-from flowbp_ops.world import digits
+from flowbp_ops.world import scenes
 from flowbp_ops.world.base_model import Progress, encode_images, make_transformer, make_vae, train_flow, train_vae
 from flowbp_ops.world.config import WorldConfig
 from flowbp_ops.world.text import MiniLMTextEncoder
@@ -36,7 +36,7 @@ def build_reward_models(world: str | Path, cfg: WorldConfig = WorldConfig(), pro
     """``rewards/``: the alignment and quality rewards and their held-out twins."""
     t0 = time.perf_counter()
     with atomic_path(Path(world) / "rewards") as tmp:
-        accuracy = train_reward_nets(tmp, cfg.reward_steps, cfg.reward_batch, cfg.seed, progress)
+        accuracy = train_reward_nets(tmp, cfg, progress)
         (tmp / "meta.json").write_text(json.dumps({"config": cfg.model_dump(), "accuracy": accuracy}, indent=2))
         seal(tmp)
     return {"reward_accuracy": accuracy, "rewards_s": time.perf_counter() - t0}
@@ -49,12 +49,14 @@ def build_base_model(world: str | Path, cfg: WorldConfig = WorldConfig(), progre
     if not specs_file.exists():
         raise FileNotFoundError(f"{specs_file} not found: the default base model trains on the default prompt set; "
                                 f"build it first (build_prompt_sets, or prompts.source=default)")
-    train_specs = [digits.Spec(**s) for s in json.loads(specs_file.read_text())["train"]]
+    train = [scenes.Scene(s["tag"], tuple(tuple(o) for o in s["objects"]), s["relation"])
+             for s in json.loads(specs_file.read_text())["train"]]
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    bitmaps, labels = digits.load_digit_bitmaps()
-    images, specs, prompts = digits.sample_dataset(train_specs, cfg.n_images, cfg.seed, bitmaps, labels)
+    pool = scenes.balanced(train, per_tag=max(1, cfg.n_images // len(scenes.TAGS)), seed=cfg.seed)
+    images, chosen, _ = scenes.Renderer().dataset(pool, cfg.n_images, cfg.seed)
+    prompts = [s.prompt() for s in chosen]
     text = MiniLMTextEncoder()
     unique = sorted(set(prompts))
     emb = text.encode(unique + [""])
@@ -71,7 +73,7 @@ def build_base_model(world: str | Path, cfg: WorldConfig = WorldConfig(), progre
 
     t0 = time.perf_counter()
     transformer = train_flow(make_transformer(cfg.seed), latents, tokens, pooled, null, cfg.flow_steps,
-                             cfg.flow_batch, cfg.flow_lr, cfg.seed, cfg.cfg_dropout, progress=progress)
+                             cfg.flow_batch, cfg.flow_lr, cfg.seed, cfg.cfg_dropout, cfg.flow_ema, progress=progress)
     timings["flow_s"] = time.perf_counter() - t0
     meta = {"config": cfg.model_dump(), "timings": timings, "n_unique_prompts": len(unique)}
     for name, model in [("vae", vae), ("transformer", transformer)]:
