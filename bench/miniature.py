@@ -1,23 +1,22 @@
-"""The paper in miniature: every method trained on the default world with the same budget.
+"""The paper in miniature: every method trained on the default world with the same budget, 3 seeds.
 
-    .venv/bin/python bench/miniature.py --world data/world            # all variants × 3 seeds, 2 jobs
-    .venv/bin/python bench/miniature.py --world data/world --report   # table + curves from saved runs
+    .venv/bin/python bench/miniature.py --world data/world            # every variant × 3 seeds, 2 jobs
+    .venv/bin/python bench/miniature.py --world data/world --report   # tables, tests and plots from saved runs
 
-Each (variant, seed) runs in its own process with one torch thread (two at a time on two
-cores) and writes ``bench/results/miniature/runs/VARIANT-SEED.json``; finished runs are
-skipped, so an interrupted sweep continues where it stopped. Per run:
+Each (variant, seed) runs in its own process with one torch thread (two at a time on two cores) and writes
+``bench/results/miniature/runs/VARIANT-SEED.json``; finished runs are skipped, so an interrupted sweep continues.
+Every run of a seed sees the same prompts and noise at every step (they are functions of (seed, step, slot)),
+so methods are compared on the same batches. Per run:
 
-* gradient fidelity of the method's first-step gradient (base model, CFG 4, N = 10,
-  batch 2, loss = hinge on the training reward) against exact backprop through every step
-  and both CFG branches: cosine and norm ratio, all transformer weights;
-* training (``TrainConfig`` defaults unless ``--set``): per-step reward and held-out rewards;
-  wall time per step (median) and the peak resident memory growth of the training call;
-* evaluation of the EMA weights on every held-out prompt (20 steps, CFG 4): all four rewards
-  and the attribute accuracy of the held-out classifier.
+* gradient fidelity of the method's first-step gradient against exact backprop (cosine, norm ratio);
+* training (``TrainConfig`` defaults and ``BUDGET``, then ``--set``): per-step training and held-out rewards,
+  wall time per step, and the EMA weights judged every 25 steps on a fixed 96-prompt held-out subset (the
+  curves at equal steps and at equal wall-clock);
+* evaluation of the final EMA weights on all 600 held-out prompts (20 steps, CFG 4): every reward and the
+  GenEval-style judge, with each prompt's verdict kept for the paired tests of ``miniature_report``.
 
-``base`` is the untrained model, evaluated the same way. ``refl@endpoint`` and
-``drtune@endpoint`` are the paper's ablation: the real endpoint through the connector
-instead of the posterior mean.
+``refl@endpoint`` and ``drtune@endpoint`` are the paper's Table 4 ablation (the real endpoint through the
+connector instead of the posterior mean); ``flowbp_bridge@alpha=A`` the α sweep (the preset is 0.5).
 """
 
 from __future__ import annotations
@@ -37,7 +36,11 @@ METHODS = ["refl", "draft_k", "draft_lv", "alignprop", "drtune", "leapalign",
 VARIANTS = {m: (m, []) for m in METHODS}
 VARIANTS["refl@endpoint"] = ("refl", ["reward_input.kind=endpoint"])
 VARIANTS["drtune@endpoint"] = ("drtune", ["reward_input.kind=endpoint"])
+for _alpha in ("0", "0.25", "1"):
+    VARIANTS[f"flowbp_bridge@alpha={_alpha}"] = ("flowbp_bridge", [f"bridge.alpha={_alpha}"])
 REWARDS = ["align", "align_heldout", "quality", "quality_heldout"]
+# twice the main job's batch: curves that follow the method more than the batch
+BUDGET = ["batch=8", "ema_eval_every=25", "ema_eval_prompts=96"]
 
 
 def run_one(world: str, variant: str, seed: int, sets: list[str], out_file: Path) -> None:
@@ -46,23 +49,26 @@ def run_one(world: str, variant: str, seed: int, sets: list[str], out_file: Path
 
     from flowbp_ops.backbones.default import DefaultBackbone
     from flowbp_ops.cli_world import load_prompts, split_sets
-    from flowbp_ops.evaluation import evaluate
+    from flowbp_ops.determinism import pin_cpu
     from flowbp_ops.rewards.base import get_reward
+    from flowbp_ops.sampling import generate
     from flowbp_ops.training.config import TrainConfig
     from flowbp_ops.training.loop import train
+    from flowbp_ops.world.judge import load_judge
 
-    torch.set_num_threads(1)
+    pin_cpu(1)
     backbone = DefaultBackbone(world)
     rewards = {n: get_reward(n, world_dir=world) for n in REWARDS}
-    test_prompts = load_prompts(Path(world), "test")
+    judge = load_judge(world)
+    train_prompts, test_prompts = load_prompts(Path(world), "train"), load_prompts(Path(world), "test")
     result: dict = {"variant": variant, "seed": seed}
     if variant != "base":
         method, overrides = VARIANTS[variant]
-        run_sets, method_sets = split_sets(sets)
+        run_sets, method_sets = split_sets(BUDGET + sets)
         cfg = TrainConfig(method=method, seed=seed, method_overrides=overrides + method_sets, **run_sets)
         cfg.checkpoint_every = cfg.steps
         result["config"] = cfg.model_dump(mode="json")
-        result["fidelity"] = fidelity(backbone, cfg, rewards[cfg.reward], load_prompts(Path(world), "train"))
+        result["fidelity"] = fidelity(backbone, cfg, rewards[cfg.reward], train_prompts)
         curve: list[dict] = []
 
         class Collect:
@@ -70,11 +76,18 @@ def run_one(world: str, variant: str, seed: int, sets: list[str], out_file: Path
                 curve.append({"step": step, **{k: v for k, v in m.items() if isinstance(v, (int, float))}})
 
         with tempfile.TemporaryDirectory() as tmp:
-            _, peak_mb = measure(lambda: train(cfg, backbone, load_prompts(Path(world), "train"), tmp,
-                                               callbacks=[Collect()], reward_kwargs={"world_dir": world}))
+            _, peak_mb = measure(lambda: train(cfg, backbone, train_prompts, tmp, callbacks=[Collect()],
+                                               reward_kwargs={"world_dir": world}, eval_prompts=test_prompts,
+                                               judge=judge))
         result.update(curve=curve, peak_mb=peak_mb,
                       time_step=statistics.median(c["time_step"] for c in curve[1:] or curve))
-    result["eval"] = evaluate(backbone, test_prompts, rewards, 20, 4.0, rewards["align_heldout"].net)
+    images = generate(backbone, test_prompts, 20, 4.0, seed=42)
+    with torch.no_grad():
+        result["eval"] = {f"reward/{n}": float(r(images, test_prompts).mean()) for n, r in rewards.items()}
+    verdict = judge(images, test_prompts)
+    result["eval"].update({"geneval/overall": verdict.overall,
+                           **{f"geneval/{t}": a for t, a in verdict.tag_accuracy.items()}})
+    result["correct"] = [bool(c) for c in verdict.correct]  # per held-out prompt, for the paired tests
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp_file = out_file.with_suffix(".partial")
     tmp_file.write_text(json.dumps(result))
@@ -106,10 +119,49 @@ def fidelity(backbone, cfg, reward, prompts: list[str]) -> dict:
     return out
 
 
+def connector(world: str, out_file: Path, n_steps: int = 25, prompts: int = 64) -> dict:
+    """The paper's Fig. 7 on the base model: how far a leap's estimate of ``x_j`` lands from the cached ``x_j``,
+    single velocity (LeapAlign) vs Lagrange quadrature of order 3 (FlowBP-Lagrange), by leap length j − k."""
+    import numpy as np
+    import torch
+
+    from flowbp_ops.backbones.default import DefaultBackbone
+    from flowbp_ops.cli_world import load_prompts
+    from flowbp_ops.determinism import pin_cpu
+    from flowbp_ops.sampling import initial_noise
+    from flowbp_ops.surrogate.quadrature import lagrange_weights, support_indices
+    from flowbp_ops.surrogate.rollout import rollout
+
+    pin_cpu(2)
+    bb = DefaultBackbone(world)
+    ps = load_prompts(Path(world), "test")[:prompts]
+    sigmas = bb.sigmas(n_steps)
+    with torch.no_grad():
+        cache = rollout(bb.denoiser(4.0), initial_noise(bb.latent_shape(1)[1:], range(42, 42 + len(ps))), sigmas,
+                        bb.conditioning(ps, 4.0))
+    x, v = torch.stack(cache.x).double(), torch.stack(cache.v).double()
+    rows: dict[int, dict[str, list[float]]] = {}
+    for k in range(n_steps):
+        for j in range(k + 1, n_steps + 1):
+            truth = x[j]
+            leap = x[k] + (sigmas[j] - sigmas[k]) * v[k]
+            sup = support_indices(k, j, 3)
+            weights = lagrange_weights(sigmas[sup], sigmas[k], sigmas[j])
+            quad = x[k] + sum(float(w) * v[s] for s, w in zip(sup, weights))
+            norm = (truth - x[k]).flatten(1).norm(dim=1)
+            row = rows.setdefault(j - k, {"leap": [], "lagrange": []})
+            row["leap"] += ((leap - truth).flatten(1).norm(dim=1) / norm).tolist()
+            row["lagrange"] += ((quad - truth).flatten(1).norm(dim=1) / norm).tolist()
+    table = {str(L): {name: float(np.mean(vals)) for name, vals in r.items()} for L, r in sorted(rows.items())}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps({"n_steps": n_steps, "prompts": len(ps), "relative_residual": table}, indent=1))
+    return table
+
+
 def sweep(args) -> None:
     runs = Path(args.out) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    jobs = [("base", 0)] + [(v, s) for v in args.variants for s in range(args.seeds)]
+    jobs = [("base", 0)] + [(v, s) for s in range(args.seeds) for v in args.variants]
     todo = [(v, s) for v, s in jobs if not (runs / f"{v}-{s}.json").exists()]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
 
@@ -125,49 +177,6 @@ def sweep(args) -> None:
         list(pool.map(launch, todo))
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
-
-
-def report(args) -> None:
-    runs = Path(args.out) / "runs"
-    rows = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
-    by = {}
-    for r in rows:
-        by.setdefault(r["variant"], []).append(r)
-    head = ("| method | align (train reward) | align_heldout | quality | quality_heldout | attribute acc "
-            "| s/step | peak MB | grad cosine | norm ratio |")
-    lines = [head, "|" + "---|" * 10]
-    summary = {}
-    for v in ["base"] + [v for v in VARIANTS if v in by]:
-        rs = by.get(v, [])
-        if not rs:
-            continue
-        ev = {k: [r["eval"][k] for r in rs] for k in [f"reward/{n}" for n in REWARDS] + ["acc_all"]}
-        tr = [r for r in rs if "curve" in r]
-        cells = [_mean_std(ev[f"reward/{n}"]) for n in REWARDS] + [_mean_std(ev["acc_all"])]
-        if tr:
-            cells += [f"{statistics.fmean(r['time_step'] for r in tr):.2f}",
-                      f"{statistics.fmean(r['peak_mb'] for r in tr):.0f}",
-                      _mean_std([r["fidelity"]["cosine"] for r in tr]),
-                      _mean_std([r["fidelity"]["norm_ratio"] for r in tr])]
-        else:
-            cells += ["—"] * 4
-        lines.append(f"| `{v}` ({len(rs)} seed{'s' * (len(rs) > 1)}) | " + " | ".join(cells) + " |")
-        summary[v] = {k: statistics.fmean(x) for k, x in ev.items()}
-    table = "\n".join(lines)
-    (Path(args.out) / "table.md").write_text(table + "\n")
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
-    from flowbp_ops.comparison import plot_curves
-
-    plot_curves({v: [r["curve"] for r in rs if "curve" in r] for v, rs in by.items()}, Path(args.out) / "curves.png",
-                title="default world: batch mean over 3 seeds, moving average of 5 steps")
-    print(table)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", default="data/world")
@@ -177,15 +186,19 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training settings for every run")
     p.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
-    p.add_argument("--report", action="store_true", help="only rebuild the table and curves")
+    p.add_argument("--report", action="store_true", help="only rebuild the tables and plots")
     args = p.parse_args()
     if args.one:
         v, s = args.one
         run_one(args.world, v, int(s), args.set, Path(args.out) / "runs" / f"{v}-{s}.json")
         return
     if not args.report:
+        if not (Path(args.out) / "connector.json").exists():
+            connector(args.world, Path(args.out) / "connector.json")
         sweep(args)
-    report(args)
+    from miniature_report import report
+
+    report(Path(args.out), list(VARIANTS))
 
 
 if __name__ == "__main__":

@@ -101,8 +101,10 @@ def _train(args: argparse.Namespace) -> int:
         backbone, world = _train_backbone(args, params, device)
         prompts = load_prompts(world, "train")
         run = RunDir(out)
+        from flowbp_ops.evaluation import judge_for
+
         trainer = Trainer(cfg, backbone, prompts, {"world_dir": world}, dist,  # everything that can refuse, first
-                          eval_prompts=load_prompts(world, "test"))
+                          eval_prompts=load_prompts(world, "test"), judge=judge_for(cfg.backbone, world))
         if args.resume:
             point = run.resume_point(cfg.identity(), dist=dist)
             if point.checkpoint is None:

@@ -9,7 +9,8 @@ from pathlib import Path
 from flowbp_ops.atomic import atomic_path
 
 CURVE_KEYS = [("reward", "training reward"), ("heldout/align_heldout", "held-out alignment"),
-              ("heldout/quality", "quality"), ("heldout/quality_heldout", "held-out quality")]
+              ("heldout/quality", "quality"), ("heldout/quality_heldout", "held-out quality"),
+              ("ema_eval/geneval/overall", "held-out judge (EMA, every 50 steps)")]
 
 
 def _plt():
@@ -24,20 +25,25 @@ def _plt():
 def plot_curves(curves: dict[str, list[list[dict]]], path: Path, window: int = 5, title: str = "") -> None:
     """Reward-versus-step per method: mean over runs (seeds), moving average of ``window`` steps."""
     plt = _plt()
-    keys = [(k, t) for k, t in CURVE_KEYS if any(k in c[0] for runs in curves.values() for c in runs if c)]
+    keys = [(k, t) for k, t in CURVE_KEYS if any(k in row for runs in curves.values() for c in runs for row in c)]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False)
     for name, runs in curves.items():
         runs = [c for c in runs if c]
         if not runs:
             continue
         n = min(len(c) for c in runs)
+        style = dict(label=name, lw=2 if name.startswith("flowbp") else 1, ls="--" if "@" in name else "-")
         for ax, (key, label) in zip(axes[0], keys):
-            mean = [statistics.fmean(c[i].get(key, float("nan")) for c in runs) for i in range(n)]
-            smooth = [statistics.fmean(mean[max(0, i - window + 1): i + 1]) for i in range(n)]
-            ax.plot(range(1, n + 1), smooth, label=name, lw=2 if name.startswith("flowbp") else 1,
-                    ls="--" if "@" in name else "-")
             ax.set_title(label)
             ax.set_xlabel("step")
+            steps = [i for i in range(n) if all(key in c[i] for c in runs)]
+            if len(steps) < n / 2:  # logged now and then (the EMA evaluations): the points themselves
+                ax.plot([i + 1 for i in steps], [statistics.fmean(c[i][key] for c in runs) for i in steps], marker="o",
+                        **style)
+                continue
+            mean = [statistics.fmean(c[i].get(key, float("nan")) for c in runs) for i in range(n)]
+            smooth = [statistics.fmean(mean[max(0, i - window + 1): i + 1]) for i in range(n)]
+            ax.plot(range(1, n + 1), smooth, **style)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title or f"batch mean, moving average of {window} steps", fontsize=9)
     fig.tight_layout()
@@ -73,15 +79,30 @@ def compare(evals: dict[str, dict], curves: dict[str, list[dict]], out_dir: Path
 
 
 def _bars(evals: dict[str, dict], rewards: list[str], path: Path) -> None:
+    """Per method: the held-out judge's change in points (when there is one) and every reward's change in standard
+    deviations of the base model's scores (rewards live on different scales)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.4 * len(evals) + 3, 3.6))
+    first = next(iter(evals.values()))
+    judged = [k for k in ("geneval/overall", "judge/alignment") if k in first["delta"]]
+    fig, axes = plt.subplots(1, 1 + bool(judged), figsize=(1.6 * len(evals) * (1 + bool(judged)) + 3, 3.8),
+                             squeeze=False)
+    names = list(evals)
+    if judged:
+        ax = axes[0][0]
+        ax.bar(names, [100 * ev["delta"][judged[0]] for ev in evals.values()], color="tab:green")
+        ax.set_ylabel(f"{judged[0]}: change vs base (points)")
+        ax.set_title("held-out judge", fontsize=9)
+        ax.tick_params(axis="x", rotation=20, labelsize=8)
+        ax.axhline(0, color="k", lw=0.5)
+    ax = axes[0][-1]
     width = 0.8 / len(rewards)
     for j, r in enumerate(rewards):
-        ax.bar([i + j * width for i in range(len(evals))], [ev["delta"][r] for ev in evals.values()], width,
-               label=r.removeprefix("reward/"))
+        sd = [ev["delta"][r] / max(ev["base"].get(r.replace("reward/", "reward_std/"), 1.0), 1e-8)
+              for ev in evals.values()]
+        ax.bar([i + j * width for i in range(len(evals))], sd, width, label=r.removeprefix("reward/"))
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(evals))], list(evals), rotation=20, fontsize=8)
-    ax.set_ylabel("change vs base model")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(evals))], names, rotation=20, fontsize=8)
+    ax.set_ylabel("change vs base (SD of the base's scores)")
     ax.legend(fontsize=7)
     ax.set_title("held-out prompts: reward change per method", fontsize=9)
     fig.tight_layout()

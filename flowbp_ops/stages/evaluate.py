@@ -71,15 +71,16 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
     prompts = sum((s[0] for s in shards), [])
     base_images = torch.cat([bb.decode(cache.x[-1][i:i + batch].to(bb.device)).cpu()
                              for _, cache, _, _ in shards for i in range(0, cache.x[-1].shape[0], batch)])
-    grid_prompts = prompts[:: max(1, len(prompts) // e.grid_prompts)][: e.grid_prompts]  # spread over the set
+    # the first distinct held-out prompts (the default world lists its tags in turn: every tag is there)
+    spread = list(dict.fromkeys(prompts))[: max(e.diversity_prompts, e.grid_prompts)]
     base = _score(base_images, prompts, rewards, judge, batch, bb.device)
-    base["diversity"], base_grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed,
+    base["diversity"], base_grid = _diversity(bb, spread, e.diversity_seeds, r.n_steps, r.guidance, r.seed,
                                               batch, r.grid)
     load_trained(bb, p.variant(method) / "adapter")
     images = generate(bb, prompts, r.n_steps, r.guidance, seed=r.seed, batch_size=batch,
                       grid=r.grid).cpu()  # same noise
     tuned = _score(images, prompts, rewards, judge, batch, bb.device)
-    tuned["diversity"], grid = _diversity(bb, grid_prompts, e.diversity_seeds, r.n_steps, r.guidance, r.seed, batch,
+    tuned["diversity"], grid = _diversity(bb, spread, e.diversity_seeds, r.n_steps, r.guidance, r.seed, batch,
                                           r.grid)
     if e.judge_url:  # evaluation only: a served VLM's 1-5 scores next to the rewards
         from flowbp_ops.judges.vlm import VLMJudge, VLMJudgeConfig
@@ -93,7 +94,10 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
     with atomic_path(p.evaluation(method)) as tmp:
         tmp.mkdir()
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_grid(base_grid, grid, grid_prompts, tmp / "samples.png", f"{method}: base (left) vs tuned (right)")
+        n = e.grid_prompts
+        save_grid(base_grid[:n], grid[:n], spread[:n], tmp / "samples.png", f"{method}: base (left) vs tuned (right)"
+                  + (", green frame: the held-out judge finds the prompt" if judge is not None else ""),
+                  [_verdicts(judge, g[:n], spread[:n]) for g in (base_grid, grid)] if judge is not None else None)
     if tracker is not None and summary.get("run_id"):
         run_id = summary["run_id"]
         tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in tuned.items()})
@@ -134,7 +138,14 @@ def gates(params: Params, base: dict, tuned: dict) -> dict[str, dict]:
     return out
 
 
-def save_grid(base_grid, grid, prompts: list[str], path: Path, title: str) -> None:
+def _verdicts(judge, grid, prompts: list[str]):
+    """Per grid image whether the judge finds its prompt in it: (prompts, samples) booleans."""
+    rows, cols = grid.shape[:2]
+    correct = judge(grid.flatten(0, 1), [p for p in prompts for _ in range(cols)]).correct
+    return torch.tensor(correct).view(rows, cols)
+
+
+def save_grid(base_grid, grid, prompts: list[str], path: Path, title: str, verdicts=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,8 +159,13 @@ def save_grid(base_grid, grid, prompts: list[str], path: Path, title: str) -> No
             ax = axes[i, j]
             ax.imshow(img, interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
+            if verdicts is not None:
+                ok = bool(verdicts[j >= cols][i, j % cols])
+                for side in ax.spines.values():
+                    side.set(color="tab:green" if ok else "tab:red", linewidth=2.5)
             if j == 0:
-                ax.set_ylabel(prompts[i][:28], fontsize=5, rotation=0, ha="right", va="center")
+                ax.set_ylabel(prompts[i].removeprefix("a photo of ")[:34], fontsize=5, rotation=0, ha="right",
+                              va="center")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -30,8 +30,11 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
     dist = dist or Dist()
     cfg = params.train_config(method)
     p = paths(params)
+    from flowbp_ops.evaluation import judge_for
+
     trainer = Trainer(cfg, backbone_of(params), load_prompt_set(p.prompts, "train"),
-                      {"world_dir": params.world_dir}, dist, eval_prompts=load_prompt_set(p.prompts, "test"))
+                      {"world_dir": params.world_dir}, dist, eval_prompts=load_prompt_set(p.prompts, "test"),
+                      judge=judge_for(params.train.backbone, params.world_dir))
     if on_checkpoint is not None:
         trainer.checkpoint_hooks.append(on_checkpoint)
     run, base = RunDir(p.run(method)), _base_pin(params)

@@ -80,7 +80,7 @@ class Trainer:
     :meth:`fit`."""
 
     def __init__(self, cfg: TrainConfig, backbone, prompts: list[str], reward_kwargs: dict | None = None,
-                 dist: Dist = Dist(), eval_prompts: list[str] | None = None):
+                 dist: Dist = Dist(), eval_prompts: list[str] | None = None, judge=None):
         if not prompts:
             raise ValueError("training needs a non-empty prompt list (the prompt set's train split is empty)")
         self.cfg, self.backbone, self.prompts, self.dist = cfg, backbone, prompts, dist
@@ -92,6 +92,7 @@ class Trainer:
         if cfg.numerics == "authors":  # timesteps in bf16, and the Euler steps between them
             self.sigmas = torch.from_numpy(self.sigmas).to(torch.bfloat16).double().numpy()
         self.eval_prompts = (eval_prompts or [])[: cfg.ema_eval_prompts]
+        self.judge = judge  # a held-out judge (``judge.metrics(images, prompts)``) for the EMA evaluations
         self.device = getattr(backbone, "device", torch.device("cpu"))
         # reward models live where the images are decoded
         reward_kwargs = {"device": self.device, **(reward_kwargs or {})}
@@ -162,6 +163,8 @@ class Trainer:
             images = generate(self.backbone, self.eval_prompts, self.cfg.rollout_steps, self.cfg.guidance, seed=42)
             out = {"ema_eval/reward": float(self.reward(images, self.eval_prompts).mean())}
             out.update({f"ema_eval/{n}": float(h(images, self.eval_prompts).mean()) for n, h in self.heldout.items()})
+            if self.judge is not None:
+                out.update({f"ema_eval/{k}": v for k, v in self.judge.metrics(images, self.eval_prompts).items()})
         finally:
             self.ema.swap(self.params)
         return out
@@ -286,11 +289,11 @@ class Trainer:
 
 def train(cfg: TrainConfig, backbone, prompts: list[str], run_dir: str | Path, callbacks: Iterable[Callback] = (),
           resume: bool = False, stop_after: int | None = None, reward_kwargs: dict | None = None,
-          dist: Dist = Dist(), eval_prompts: list[str] | None = None) -> dict[str, Any]:
+          dist: Dist = Dist(), eval_prompts: list[str] | None = None, judge=None) -> dict[str, Any]:
     """Train ``backbone.transformer`` in place; with ``resume`` from the newest intact checkpoint of ``run_dir``."""
     from flowbp_ops.training.run_dir import RunDir
 
-    trainer = Trainer(cfg, backbone, prompts, reward_kwargs, dist, eval_prompts)
+    trainer = Trainer(cfg, backbone, prompts, reward_kwargs, dist, eval_prompts, judge)
     if resume:
         point = RunDir(run_dir).resume_point(cfg.identity(), dist=dist)
         if point.checkpoint is None:
