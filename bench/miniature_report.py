@@ -114,7 +114,8 @@ def report(out: Path, order: list[str]) -> dict:
     for name, t in tests.items():
         if t:
             lo, hi = (100 * q for q in t["ci95"])
-            lines.append(f"| {name} | {100 * t['mean']:+.1f} | [{lo:+.1f}, {hi:+.1f}] | {t['seeds_ahead']}/{t['seeds']} |")
+            ahead = f"{t['seeds_ahead']}/{t['seeds']}"
+            lines.append(f"| {name} | {100 * t['mean']:+.1f} | [{lo:+.1f}, {hi:+.1f}] | {ahead} |")
     tables["paired"] = "\n".join(lines)
 
     conn = out / "connector.json"

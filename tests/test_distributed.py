@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
-BASE = {"batch": 2, "rollout_steps": 6, "heldout_rewards": [], "ema": None, "checkpoint_every": 1, "seed": 3}
+BASE = {"batch": 2, "rollout_steps": 6, "heldout_rewards": [], "ema": None, "checkpoint_every": 1, "seed": 3,
+        "finetune": "lora"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
@@ -124,7 +125,7 @@ def test_flowbp_train_nproc_and_a_killed_rank(world, tmp_path):
     args = [sys.executable, "-m", "flowbp_ops.cli", "train", "--method", "flowbp_sparse", "--world", str(world),
             "--out", str(tmp_path / "r"), "--nproc", "2", "--set", "steps=40", "--set", "batch=1",
             "--set", "global_batch=2", "--set", "rollout_steps=4", "--set", "heldout_rewards=[]",
-            "--set", "checkpoint_every=3"]
+            "--set", "checkpoint_every=3", "--set", "finetune=lora"]
     launcher = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     from flowbp_ops.training.checkpoint import list_checkpoints
 
@@ -157,7 +158,8 @@ def test_two_nodes_rendezvous_on_localhost(world, tmp_path):
     endpoint = f"127.0.0.1:{_port()}"
     base = [sys.executable, "-m", "flowbp_ops.cli", "train", "--method", "flowbp_bridge", "--world", str(world),
             "--out", str(tmp_path / "r"), "--set", "steps=2", "--set", "batch=2", "--set", "global_batch=4",
-            "--set", "rollout_steps=6", "--set", "heldout_rewards=[]", "--nnodes", "2", "--nproc", "1",
+            "--set", "rollout_steps=6", "--set", "heldout_rewards=[]", "--set", "finetune=lora", "--nnodes", "2",
+            "--nproc", "1",
             "--rdzv-endpoint", endpoint]
     nodes = [subprocess.Popen([*base, "--node-rank", str(i)], env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -178,7 +180,8 @@ def test_a_second_run_of_the_variant_is_refused_under_nproc(world, tmp_path):
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"world_dir": str(world), "data_dir": str(tmp_path / "data"),
-                                      "methods": ["refl"], "train": {"rollout_steps": 4, "batch": 1},
+                                      "methods": ["refl"],
+                                      "train": {"rollout_steps": 4, "batch": 1, "finetune": "lora"},
                                       "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}}))
     with stage_lock(tmp_path / "data", "trained_variant", "refl"):
         done = subprocess.run([sys.executable, "-m", "flowbp_ops.cli", "stage", "trained_variant", "--method", "refl",

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flowbp_ops.world.config import WorldConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOWBP = [sys.executable, "-m", "flowbp_ops.cli"]
 CATALOGUE: list[tuple[str, str, str, str]] = []  # (class, id, fault, behaviour)
@@ -45,13 +47,12 @@ def fault(cls: int, what: str, behaviour: str):
 
 PARAMS = {
     "world_dir": "data/world", "data_dir": "data",
-    "world": {"n_images": 256, "vae_steps": 3, "vae_batch": 8, "flow_steps": 3, "flow_batch": 8, "reward_steps": 2,
-              "reward_batch": 8},
+    "world": WorldConfig.smoke().model_dump(),
     "rollouts": {"n_steps": 3, "n_prompts": 4, "shard_size": 3},
-    "train": {"steps": 4, "batch": 2, "rollout_steps": 4, "checkpoint_every": 1, "keep_last": 2,
+    "train": {"steps": 4, "batch": 2, "rollout_steps": 4, "checkpoint_every": 1, "keep_last": 2, "finetune": "lora",
               "heldout_rewards": ["align_heldout"]},
     "methods": ["refl"],
-    "eval": {"grid_prompts": 2, "diversity_seeds": 2},
+    "eval": {"grid_prompts": 2, "diversity_seeds": 2, "diversity_prompts": 2},
     "tracking": {"tracking_uri": "sqlite:///mlflow.db", "artifact_location": "mlartifacts"},
 }
 SKIP_STATE = (".flowbp-locks", "mlflow.db", "mlartifacts")
@@ -310,7 +311,8 @@ def test_refused_rerun_keeps_the_checkpoints(ws):
 
 @fault(2, "flowbp train twice into the same --out without --resume", "the second is refused; the first run is intact")
 def test_train_refuses_to_mix_two_runs(ws):
-    args = ["train", "--method", "refl", "--world", "data/world", "--out", "r", "--set", "steps=2",
+    args = ["train", "--method", "refl", "--world", "data/world", "--out", "r", "--set", "finetune=lora",
+            "--set", "steps=2",
             "--set", "batch=1", "--set", "rollout_steps=4", "--set", 'heldout_rewards=[]']
     assert cli(*args)[0] == 0
     before = state(ws / "r")
@@ -323,12 +325,12 @@ def test_train_refuses_to_mix_two_runs(ws):
 
 @fault(2, "flowbp train --resume with a changed setting", "refused naming the changed field; the run is intact")
 def test_train_resume_with_another_config(ws):
-    args = ["train", "--method", "refl", "--world", "data/world", "--out", "r", "--set", "steps=2",
-            "--set", "batch=1", "--set", "rollout_steps=4", "--set", "heldout_rewards=[]"]
+    args = ["train", "--method", "refl", "--world", "data/world", "--out", "r", "--set", "finetune=lora",
+            "--set", "steps=2", "--set", "batch=1", "--set", "rollout_steps=4", "--set", "heldout_rewards=[]"]
     assert cli(*args)[0] == 0
     before = state(ws / "r")
-    code, err = cli(*args, "--set", "lr=0.001", "--resume")
-    refused(code, err, r"cannot resume r: the config changed \(lr: 0\.0003 -> 0\.001\)")
+    code, err = cli(*args, "--set", "lr=0.003", "--resume")
+    refused(code, err, r"cannot resume r: the config changed \(lr: 0\.0001 -> 0\.003\)")
     assert state(ws / "r") == before
 
 
@@ -416,7 +418,8 @@ def test_damaged_newest_checkpoint_falls_back(ws, how):
 
 @fault(5, "flowbp train --resume with every checkpoint damaged", "refused: nothing intact to resume, the files stay")
 def test_train_resume_with_every_checkpoint_damaged(ws):
-    args = ["train", "--method", "refl", "--world", "data/world", "--out", "r", "--set", "steps=2",
+    args = ["train", "--method", "refl", "--world", "data/world", "--out", "r", "--set", "finetune=lora",
+            "--set", "steps=2",
             "--set", "batch=1", "--set", "rollout_steps=4", "--set", "heldout_rewards=[]"]
     assert cli(*args)[0] == 0
     for ckpt in (ws / "r" / "checkpoints").glob("step-*"):
@@ -541,7 +544,8 @@ def test_two_trainings_of_one_variant(ws):
 
 @fault(6, "two `flowbp train` into the same --out at once", "the second is refused naming the first's pid")
 def test_two_cli_trainings_into_one_folder(ws):
-    args = ["train", "--method", "refl", "--world", "data/world", "--out", "r", "--set", "steps=400",
+    args = ["train", "--method", "refl", "--world", "data/world", "--out", "r", "--set", "finetune=lora",
+            "--set", "steps=400",
             "--set", "batch=1", "--set", "rollout_steps=4", "--set", "heldout_rewards=[]"]
     first = _popen(*args, cwd=ws)
     try:

@@ -13,15 +13,19 @@ import yaml
 from flowbp_ops.params import Params, load_params
 from flowbp_ops.prompts import PromptSetError, prepare_prompt_set
 from flowbp_ops.surrogate.config import ConfigError
+from flowbp_ops.world.config import WorldConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {
-    "world": {"n_images": 256, "vae_steps": 3, "vae_batch": 8, "flow_steps": 3, "flow_batch": 8, "reward_steps": 2,
-              "reward_batch": 8},
+    "world": WorldConfig.smoke().model_dump(),
     "rollouts": {"n_steps": 3, "n_prompts": 4, "shard_size": 3},
-    "train": {"steps": 2, "batch": 2, "rollout_steps": 4, "checkpoint_every": 1, "heldout_rewards": ["align_heldout"]},
+    "train": {"steps": 2, "batch": 2, "rollout_steps": 4, "checkpoint_every": 1, "heldout_rewards": ["align_heldout"],
+              "finetune": "lora"},
     "methods": ["flowbp_sparse", "refl"],
-    "eval": {"grid_prompts": 2, "diversity_seeds": 2},
+    "eval": {"grid_prompts": 2, "diversity_seeds": 2, "diversity_prompts": 2},
+    # a smoke world's judges are untrained, so whether a variant "improves" is chance: an unreachable bar makes
+    # the blocking gate's behaviour certain
+    "promote": {"min_improvement": 10.0},
 }
 
 
@@ -170,7 +174,7 @@ def test_chain_materializes_every_stage_and_tracks_in_mlflow(chain):
         assert (data / "variants" / m / "adapter" / "pytorch_lora_weights.safetensors").exists()
         ev = json.loads((data / "eval" / m / "metrics.json").read_text())
         assert ev["n_prompts"] == 4 and set(ev["gates"]) == {"reward_improved", "heldout_not_collapsed",
-                                                             "diversity_not_collapsed"}
+                                                             "heldout_judge_improved", "diversity_not_collapsed"}
     assert json.loads((data / "rollouts" / "index.json").read_text())["n_prompts"] == 4
     assert ((data / "comparison" / "curves.png").exists()
             and "flowbp_sparse" in (data / "comparison" / "table.md").read_text())
@@ -207,7 +211,8 @@ def test_gpu_stages_run_through_pipes_and_report_back(chain):
     mat = instance.get_latest_materialization_event(dg.AssetKey("trained_variant"))
     assert mat is not None and "adapter_sha256" in mat.asset_materialization.metadata
     checks = result["variants"]["flowbp_sparse"]["checks"]
-    assert set(checks) == {"finite_weights", "reward_improved", "heldout_not_collapsed", "diversity_not_collapsed"}
+    assert set(checks) == {"finite_weights", "reward_improved", "heldout_not_collapsed", "heldout_judge_improved",
+                           "diversity_not_collapsed"}
     # partitioned checks: every evaluation carries its method, so each method keeps its own status
     for method in params.methods:
         logs = instance.all_logs(result["variants"][method]["run_id"])

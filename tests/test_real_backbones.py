@@ -92,7 +92,7 @@ def test_every_method_trains_one_step(saved, method, tmp_path):
     kind, path = saved
     bb = load(kind, path)
     cfg = TrainConfig(method=method, backbone=kind, steps=1, batch=2, rollout_steps=25, reward="test_brightness",
-                      heldout_rewards=[], checkpoint_every=1, ema=None, lr=1e-2)
+                      heldout_rewards=[], checkpoint_every=1, ema=None, lr=1e-2, finetune="lora")
     result = train(cfg, bb, PROMPTS, tmp_path)
     assert result["skipped"] == 0 and result["last"]["grad_norm"] > 0
     # LoRA's B starts at zero: after one step some B is not, so the gradient reached the adapter
@@ -108,7 +108,7 @@ def test_saved_lora_loads_into_the_diffusers_pipeline(saved, tmp_path):
     kind, path = saved
     bb = load(kind, path)
     train(TrainConfig(method="flowbp_sparse", backbone=kind, steps=2, batch=2, rollout_steps=25, lr=5e-2,
-                      reward="test_brightness", heldout_rewards=[], checkpoint_every=2, ema=None),
+                      reward="test_brightness", heldout_rewards=[], checkpoint_every=2, ema=None, finetune="lora"),
           bb, PROMPTS, tmp_path)
     save_lora(bb.transformer, tmp_path / "adapter", pipeline_class=bb.pipeline_class)
     pipe = getattr(diffusers, bb.pipeline_class).from_pretrained(str(path))

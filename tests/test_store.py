@@ -18,6 +18,7 @@ import yaml
 
 from flowbp_ops.storage import SourceError
 from flowbp_ops.store import Store, StoreError
+from flowbp_ops.world.config import WorldConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,12 +89,11 @@ def test_missing_inputs_corrupt_objects_and_unreachable_stores_are_refused(store
 
 SMOKE = {
     "world_dir": "data/world", "data_dir": "data",
-    "world": {"n_images": 256, "vae_steps": 3, "vae_batch": 8, "flow_steps": 3, "flow_batch": 8, "reward_steps": 2,
-              "reward_batch": 8},
+    "world": WorldConfig.smoke().model_dump(),
     "rollouts": {"n_steps": 3, "n_prompts": 4, "shard_size": 3},
-    "train": {"steps": 40, "batch": 2, "rollout_steps": 4, "checkpoint_every": 4,
+    "train": {"steps": 40, "batch": 2, "rollout_steps": 4, "checkpoint_every": 4, "finetune": "lora",
               "heldout_rewards": ["align_heldout"]},
-    "methods": ["refl"], "eval": {"grid_prompts": 2, "diversity_seeds": 2},
+    "methods": ["refl"], "eval": {"grid_prompts": 2, "diversity_seeds": 2, "diversity_prompts": 2},
 }
 
 

@@ -77,7 +77,8 @@ def servers(tmp_path_factory):
     params = {**SMOKE, "methods": ["flowbp_sparse"], "world_dir": str(root / "data" / "world"),
               "data_dir": str(root / "data"), "tracking": {"tracking_uri": f"http://127.0.0.1:{mlflow_port}"},
               # a smoke world does not improve: open the gates so that the chain ends with a champion
-              "promote": {"min_improvement": -10.0, "heldout_tolerance_sd": 100.0, "min_diversity_ratio": 0.0}}
+              "promote": {"min_improvement": -10.0, "heldout_tolerance_sd": 100.0, "min_diversity_ratio": 0.0,
+                          "min_judge_gain": -10.0}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dagster").mkdir()
     (root / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -182,7 +183,7 @@ def test_dagster_ui_runs_the_chain_and_mlflow_ui_shows_the_champion(servers, bro
 
     # the asset catalog shows the variant's blocking checks, all passed
     browser.get(f"{dag}/assets/evaluation?view=checks")
-    for check in ("reward_improved", "heldout_not_collapsed", "diversity_not_collapsed"):
+    for check in ("reward_improved", "heldout_not_collapsed", "heldout_judge_improved", "diversity_not_collapsed"):
         _until(browser, f"check {check}", lambda c=check: c in _text(browser))
     data = servers["root"] / "data"
     promoted = json.loads((data / "promoted.json").read_text())

@@ -28,7 +28,7 @@ def backbone(world):
 
 
 def small(method="flowbp_sparse", **kw):
-    base = dict(method=method, steps=3, batch=2, rollout_steps=5, checkpoint_every=1,
+    base = dict(method=method, steps=3, batch=2, rollout_steps=5, checkpoint_every=1, finetune="lora",
                 heldout_rewards=["align_heldout"])
     return TrainConfig(**{**base, **kw})
 
@@ -160,7 +160,7 @@ def test_cli_train_sample_evaluate_and_refusals(world, tmp_path, capsys):
     assert "build the default world first" in capsys.readouterr().err and not run.exists()
 
     assert main(base + ["--set", "steps=2", "--set", "batch=2", "--set", "rollout_steps=4"]) == 0
-    assert (run / "adapter" / "pytorch_lora_weights.safetensors").exists() and (run / "metrics.jsonl").exists()
+    assert (run / "adapter" / "transformer" / "config.json").exists() and (run / "metrics.jsonl").exists()  # full FT
     capsys.readouterr()
     png = tmp_path / "grid.png"
     assert main(["sample", "--world", str(world), "--adapter", str(run / "adapter"), "--steps", "3",

@@ -85,9 +85,9 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
     if e.judge_url:  # evaluation only: a served VLM's 1-5 scores next to the rewards
         from flowbp_ops.judges.vlm import VLMJudge, VLMJudgeConfig
 
-        judge = VLMJudge(VLMJudgeConfig(base_url=e.judge_url, model=e.judge_model))
+        vlm = VLMJudge(VLMJudgeConfig(base_url=e.judge_url, model=e.judge_model))
         for scores, imgs in ((base, base_images), (tuned, images)):
-            scores.update({f"judge/{k}": float(v.mean()) for k, v in judge(imgs, prompts).items()})
+            scores.update({f"judge/{k}": float(v.mean()) for k, v in vlm(imgs, prompts).items()})
     metrics = {"method": method, "n_prompts": len(prompts), "base": base, "variant": tuned,
                "delta": {k: tuned[k] - base[k] for k in tuned}, "gates": gates(params, base, tuned),
                "model_version": summary.get("model_version"), "run_id": summary.get("run_id")}

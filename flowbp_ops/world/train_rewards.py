@@ -1,24 +1,28 @@
 """Train the default world's judges on rendered scenes (what they are for: :mod:`flowbp_ops.rewards.world`).
 
 The training reward must be hard to hack: a generator trained against it follows its gradient, so wherever
-the reward can be raised without drawing the right scene, training will find it. Four things close those
+the reward can be raised without drawing the right scene, training will find it. Five things close those
 doors, each measured in ``bench/world_rewards.py``:
 
 * **augmentation** — shifts across cell borders, brightness, sensor noise and blur: nuisances a generator can
   vary must not move the score;
 * **adversarial training** (a signed-gradient step in pixel space, ε = ``adv_eps``): a robust classifier's input
   gradient points at the digit and colour, not at imperceptible patterns (perceptually aligned gradients);
+* **realistic negatives**: a quarter of the objects drawn malformed the ways the base model's own samples fail
+  (one digit shading into two colours, two digits in one place, a part missing, a smear, a colour off the
+  palette, a faint ghost) and labelled "malformed", so a cell scores only for a clean one-colour digit;
 * **an ensemble** of members from different seeds, combined by a geometric mean: raising the reward means
   convincing all of them;
 * **calibration**: each member's temperature fit on fresh renders, so a probability means what it says.
 
-The held-out twins are trained plainly, with another architecture, seed and half of the handwriting; the
-GenEval-style detector on digits at free positions and sizes.
+The held-out twin is trained plainly (augmentation only), with another architecture, seed and half of the
+handwriting; the GenEval-style detector on digits at free positions and sizes.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +32,25 @@ from torch import Tensor
 
 from flowbp_ops.world import nets, scenes
 
-# name -> (net, which half of the digit bitmaps, seed offset, robust recipe)
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a scene parser is trained: augmented, adversarial examples (ε, L∞; 0: none), and the share of objects
+    drawn malformed (0: none; the parser then has no malformed class)."""
+
+    augment: bool = True
+    adv_eps: float = 0.0
+    malformed: float = 0.0
+
+
+ROBUST = Recipe(augment=True, adv_eps=0.05, malformed=0.25)  # the training reward's members (ε: world.adv_eps)
+# name -> (net, which half of the digit bitmaps, seed offset, recipe)
 PARSERS = {
-    "align_0": (lambda: nets.CellParser(32, malformed=True), 0, 0, True),
-    "align_1": (lambda: nets.CellParser(32, malformed=True), 0, 1, True),
-    "align_2": (lambda: nets.CellParser(32, malformed=True), 0, 2, True),
-    "align_heldout": (lambda: nets.GlobalParser(24, 4), 1, 101, False),
+    "align_0": (lambda: nets.CellParser(32, malformed=True), 0, 0, ROBUST),
+    "align_1": (lambda: nets.CellParser(32, malformed=True), 0, 1, ROBUST),
+    "align_2": (lambda: nets.CellParser(32, malformed=True), 0, 2, ROBUST),
+    "align_heldout": (lambda: nets.GlobalParser(24, 4), 1, 101, Recipe()),
 }
-MALFORMED_SHARE = 0.25  # of the objects in the robust parsers' training images
 CRITICS = {"quality": (lambda: nets.Critic(32, 3), 0, 7), "quality_heldout": (lambda: nets.Critic(24, 2), 1, 211)}
 DETECTOR = ("detector", lambda: nets.Detector(32), 1, 307)
 
@@ -134,22 +149,21 @@ def malform(renderer: scenes.Renderer, digit: int, color: str, size: int, rng: n
     return F.avg_pool2d(F.avg_pool2d(patch[None], 3, 1, 1), 3, 1, 1)[0] * 1.6  # a smear
 
 
-def train_parser(net, half: int, seed: int, robust: bool, steps: int, batch: int, adv_eps: float = 0.05,
-                 progress=None, name: str = "parser") -> dict:
+def train_parser(net, half: int, seed: int, recipe: Recipe, steps: int, batch: int, progress=None,
+                 name: str = "parser") -> dict:
     """Train a scene parser; returns its calibration temperature and accuracies on unseen handwriting."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    images, labels = render_pool(half, min(12_000, steps * batch), 1_000 * seed + half,
-                                 MALFORMED_SHARE if robust else 0.0)
+    images, labels = render_pool(half, min(12_000, steps * batch), 1_000 * seed + half, recipe.malformed)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     net.train()
     for step in range(steps):
         pick = torch.randint(0, len(images), (batch,), generator=g)
-        x, y = augment(images[pick], g), labels[pick]
-        if robust:  # half of each batch adversarial
+        x, y = (augment(images[pick], g) if recipe.augment else images[pick]), labels[pick]
+        if recipe.adv_eps:  # half of each batch adversarial
             k = batch // 2
-            x = torch.cat([x[:k], adversarial(net, x[k:], y[k:], adv_eps, g)])
+            x = torch.cat([x[:k], adversarial(net, x[k:], y[k:], recipe.adv_eps, g)])
         loss = parser_loss(net, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -158,8 +172,7 @@ def train_parser(net, half: int, seed: int, robust: bool, steps: int, batch: int
         if progress:
             progress(f"reward:{name}", step + 1, steps, loss.item())
     net.eval()
-    val_x, val_y = render_pool(1 - half, 1024, 999_983 + seed,  # the other half: handwriting it never saw
-                               MALFORMED_SHARE if robust else 0.0)
+    val_x, val_y = render_pool(1 - half, 1024, 999_983 + seed, recipe.malformed)  # handwriting it never saw
     temperature = calibrate(net, val_x, val_y)
     return {"temperature": temperature, **parser_accuracy(net, val_x, val_y)}
 
@@ -295,12 +308,14 @@ def train_reward_nets(out_dir: str | Path, cfg, progress=None) -> dict[str, dict
     each one's measurements on unseen handwriting."""
     out_dir, seed = Path(out_dir), cfg.seed
     report: dict[str, dict] = {}
-    for name, (make, half, offset, robust) in PARSERS.items():
+    for name, (make, half, offset, recipe) in PARSERS.items():
+        if recipe.adv_eps:
+            recipe = Recipe(recipe.augment, cfg.adv_eps, recipe.malformed)
         torch.manual_seed(seed + offset)
         net = make()
-        report[name] = train_parser(net, half, seed + offset, robust, cfg.reward_steps, cfg.reward_batch, cfg.adv_eps,
-                                    progress, name)
-        nets.save_net(net, out_dir / name, {"temperature": report[name]["temperature"], "robust": robust})
+        report[name] = train_parser(net, half, seed + offset, recipe, cfg.reward_steps, cfg.reward_batch, progress,
+                                    name)
+        nets.save_net(net, out_dir / name, {"temperature": report[name]["temperature"], "recipe": vars(recipe)})
     for name, (make, half, offset) in CRITICS.items():
         torch.manual_seed(seed + offset)
         net = make()
