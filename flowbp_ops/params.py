@@ -99,7 +99,7 @@ class EvalParams(_Section):
 
     rewards: list[RewardSpec] = Field(default_factory=lambda: ["align", "align_heldout", "quality", "quality_heldout"])
     grid_prompts: int = Field(8, ge=1, description="prompts in the sample grid")
-    diversity_prompts: int = Field(48, ge=1, description="distinct held-out prompts of the diversity monitor")
+    diversity_prompts: int = Field(24, ge=1, description="distinct held-out prompts of the diversity monitor")
     diversity_seeds: int = Field(4, ge=2, description="samples per prompt for the diversity monitor")
     judge_url: str | None = Field(None, description="a served VLM judge's OpenAI-compatible base URL (e.g. "
                                   "http://127.0.0.1:8000/v1): adds judge/alignment and judge/quality (1-5)")

@@ -912,8 +912,9 @@ def _expand(argv: list[str]) -> list[list[str]]:
 def clone(tmp_path_factory):
     """The repository as a new user clones it (the tracked files and nothing else), with smoke settings."""
     dest = tmp_path_factory.mktemp("clone") / "flowbp"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    # the working tree's files (committed or not), without what the main job wrote into the checkout (data/)
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", ".",
+                            ":(exclude)data"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         if (ROOT / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)

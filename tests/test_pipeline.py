@@ -218,7 +218,7 @@ def test_gpu_stages_run_through_pipes_and_report_back(chain):
         logs = instance.all_logs(result["variants"][method]["run_id"])
         evaluations = [e.dagster_event.event_specific_data for e in logs
                        if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"]
-        assert len(evaluations) == 4 and {ev.partition for ev in evaluations} == {method}
+        assert len(evaluations) == len(checks) and {ev.partition for ev in evaluations} == {method}
 
 
 def test_kubernetes_pod_spec_validates(monkeypatch):
