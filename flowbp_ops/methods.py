@@ -10,12 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from flowbp_ops.backbones.table import get_backbone
 from flowbp_ops.surrogate.config import ConfigError, MethodConfig, validated
-
-BACKBONES = ("sd35", "flux1", "flux2", "default", "tiny")
-# the default world's model and the small random-init DiT of tests and gradcheck are SD3
-# architectures with real CFG: they borrow SD3.5's hyperparameters
-_HYPER_FROM = {"tiny": "sd35", "default": "sd35"}
 
 # method -> (one-line summary, common settings, {backbone: overrides})
 # The exact references (DRaFT, AlignProp) differentiate both CFG branches: detaching the
@@ -92,10 +88,9 @@ def get_method(name: str, backbone: str = "sd35", n_steps: int = 25, overrides: 
     """The preset ``name`` for ``backbone`` (``n_steps`` resolves AlignProp's K range), plus overrides."""
     if name not in _PRESETS:
         raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
-    if backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    spec = get_backbone(backbone)
     _, common, per_backbone = _PRESETS[name]
-    data = _merge(copy.deepcopy(common), per_backbone.get(_HYPER_FROM.get(backbone, backbone), {}))
+    data = _merge(copy.deepcopy(common), per_backbone.get(spec.hyperparameters, {}))
     active = data.get("active", {})
     if active.get("k") == "N":
         active["k"] = n_steps

@@ -14,24 +14,15 @@ from __future__ import annotations
 
 from importlib import resources
 
+from flowbp_ops.backbones.table import BACKBONES as _TABLE
 from flowbp_ops.methods import METHODS
 from flowbp_ops.params import Params
 
-BACKBONES = {
-    # hub id, eval steps, guidance (eval and training rollouts)
-    "sd35": ("stabilityai/stable-diffusion-3.5-medium", 40, 3.5),
-    "flux1": ("black-forest-labs/FLUX.1-dev", 50, 4.0),
-    "flux2": ("black-forest-labs/FLUX.2-klein-base-9B", 50, 4.0),
-}
-# per-GPU batch (spec section 4) on the authors' 8 GPUs; the global batch is their product (spec §6.3), and
-# FLUX.2 DRaFT-LV also accumulates 2 micro-batches. DRaFT-K and AlignProp (exact references, not in the
-# recipe) as DRaFT-LV. A run on G processes with room for `batch` each accumulates global / (G·batch).
+# the per-GPU batch (spec section 4, in the backbone table) on the authors' 8 GPUs; the global batch is their
+# product (spec §6.3), times the backbone's extra micro-batches (FLUX.2 DRaFT-LV: 2). A run on G processes with
+# room for `batch` each accumulates global / (G·batch).
 AUTHORS_GPUS = 8
-MICRO_BATCHES = {("flux2", "draft_lv"): 2}
-BATCH = {"refl": (8, 4, 4), "flowbp_sparse": (8, 4, 4), "drtune": (8, 4, 4), "flowbp_bridge": (8, 8, 4),
-         "flowbp_lagrange": (8, 8, 4), "leapalign": (8, 8, 4), "draft_lv": (4, 4, 2), "draft_k": (4, 4, 2),
-         "alignprop": (4, 4, 2)}
-
+BACKBONES = {n: s for n, s in _TABLE.items() if s.hub_id}
 
 def hpdv2_eval_prompts() -> str:
     return str(resources.files("flowbp_ops") / "data" / "hpdv2_eval_prompts.txt")
@@ -55,12 +46,14 @@ def describe(name: str) -> str:
 
 def get_preset(name: str) -> Params:
     backbone, _, method = name.partition("/")
-    if backbone not in BACKBONES or method not in BATCH:
+    spec = BACKBONES.get(backbone)
+    if spec is None or method not in spec.batch:
+        methods = sorted({m for s in BACKBONES.values() for m in s.batch})
         raise ValueError(f"unknown preset {name!r}: presets are <backbone>/<method>, backbone one of "
-                         f"{', '.join(BACKBONES)}, method one of {', '.join(BATCH)}")
-    hub_id, eval_steps, guidance = BACKBONES[backbone]
-    batch = BATCH[method][list(BACKBONES).index(backbone)]
-    global_batch = batch * AUTHORS_GPUS * MICRO_BATCHES.get((backbone, method), 1)
+                         f"{', '.join(BACKBONES)}, method one of {', '.join(methods)}")
+    hub_id, eval_steps, guidance = spec.hub_id, spec.eval_steps, spec.guidance
+    batch = spec.batch[method]
+    global_batch = batch * AUTHORS_GPUS * spec.micro_batches.get(method, 1)
     return Params.model_validate({
         "world_dir": f"data/{backbone}",
         # SD3.5: T5 at 512 tokens for training and evaluation, as the authors (spec §6.8; joint attention has no

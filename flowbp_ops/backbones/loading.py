@@ -21,14 +21,9 @@ RECORD = "backbone.json"
 
 
 def adapter_class(kind: str):
-    from flowbp_ops.backbones.flux1 import Flux1Backbone
-    from flowbp_ops.backbones.flux2 import Flux2Backbone
-    from flowbp_ops.backbones.sd35 import SD35Backbone
+    from flowbp_ops.backbones.table import get_backbone
 
-    classes = {"sd35": SD35Backbone, "flux1": Flux1Backbone, "flux2": Flux2Backbone}
-    if kind not in classes:
-        raise ConfigError(f"backbone {kind!r}: a real base model needs train.backbone = one of {', '.join(classes)}")
-    return classes[kind]
+    return get_backbone(kind).adapter_class()
 
 
 def check_pipeline(index: Path, kind: str) -> str:

@@ -49,21 +49,10 @@ class BackboneSchedule:
         return flow_sigmas(n_steps, shift=self.shift, mu=mu, grid=grid if mu is None else "training")
 
 
-SCHEDULES: dict[str, BackboneSchedule] = {
-    s.name: s
-    for s in [
-        BackboneSchedule("sd35", "Stable Diffusion 3.5 Medium (static shift 3, real CFG)", "static", shift=3.0),
-        BackboneSchedule("flux1", "FLUX.1-dev (dynamic mu shift, guidance embedding)", "flux1"),
-        BackboneSchedule("flux2", "FLUX.2-Klein-base (empirical mu shift, real CFG)", "flux2"),
-        BackboneSchedule("default", "the default world's small SD3-architecture model (static shift 3)", "static",
-                         shift=3.0),
-        BackboneSchedule("tiny", "small random-init SD3-architecture DiT (tests, gradcheck)", "static", shift=3.0),
-    ]
-}
-
-
 def get_schedule(name: str) -> BackboneSchedule:
-    try:
-        return SCHEDULES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(SCHEDULES)}") from None
+    from flowbp_ops.backbones.table import BACKBONES
+
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    return BackboneSchedule(spec.name, spec.description, spec.schedule, spec.shift)

@@ -155,7 +155,7 @@ def tiny_flux2_pipeline(seed: int = 0):
 
 def save_tiny(kind: str, out: str | Path, seed: int = 0) -> Path:
     """Build a tiny pipeline and ``save_pretrained`` it (safetensors): a local "hub repo" to load from."""
-    builders = {"sd35": tiny_sd35_pipeline, "flux1": tiny_flux1_pipeline, "flux2": tiny_flux2_pipeline}
-    pipe = builders[kind](seed)
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    from flowbp_ops.backbones.table import tiny_pipeline
+
+    tiny_pipeline(kind, seed).save_pretrained(str(out), safe_serialization=True)
     return Path(out)

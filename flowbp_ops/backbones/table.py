@@ -1,0 +1,85 @@
+"""Every backbone, declared once: what the CLI, the settings, the method presets, the recipes, the loader and the
+tests read about a model family. Adding a backbone: an adapter module and a row here.
+
+The adapter and the tiny pipeline are named as ``module:attribute`` and imported only when used, so settings are
+checked against this table without importing diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from flowbp_ops.surrogate.config import ConfigError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    description: str
+    schedule: str  # "static" | "flux1" | "flux2": how the sigma grid is built (flowbp_ops.backbones.schedules)
+    shift: float = 1.0  # the static shift
+    hyper_from: str = ""  # whose published method hyperparameters it uses (flowbp_ops.methods); "": its own
+    adapter: str | None = None  # "module:Class" of its adapter (None: the default world's or a test model)
+    hub_id: str | None = None  # the published model the recipe trains
+    eval_steps: int | None = None  # the recipe's evaluation sampling steps
+    guidance: float | None = None  # the recipe's guidance (evaluation and training rollouts)
+    # the authors' per-GPU batch per method (spec section 4) and extra micro-batches (spec §6.3)
+    batch: dict[str, int] = field(default_factory=dict)
+    micro_batches: dict[str, int] = field(default_factory=dict)
+    tiny: str | None = None  # "module:function" building a random-init pipeline of this architecture (tests)
+
+    def adapter_class(self):
+        if self.adapter is None:
+            raise ConfigError(f"backbone {self.name!r}: a real base model needs train.backbone = one of "
+                              f"{', '.join(REAL)}")
+        return _load(self.adapter)
+
+    @property
+    def hyperparameters(self) -> str:
+        return self.hyper_from or self.name
+
+
+def _load(target: str):
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# per-GPU batches (spec section 4); DRaFT-K and AlignProp (exact references, not in the recipe) as DRaFT-LV
+_B = ("refl", "flowbp_sparse", "drtune", "flowbp_bridge", "flowbp_lagrange", "leapalign", "draft_lv", "draft_k",
+      "alignprop")
+BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in [
+    BackboneSpec("sd35", "Stable Diffusion 3.5 Medium (static shift 3, real CFG)", "static", shift=3.0,
+                 adapter="flowbp_ops.backbones.sd35:SD35Backbone", hub_id="stabilityai/stable-diffusion-3.5-medium",
+                 eval_steps=40, guidance=3.5, batch=dict(zip(_B, (8, 8, 8, 8, 8, 8, 4, 4, 4))),
+                 tiny="flowbp_ops.backbones.tiny:tiny_sd35_pipeline"),
+    BackboneSpec("flux1", "FLUX.1-dev (dynamic mu shift, guidance embedding)", "flux1",
+                 adapter="flowbp_ops.backbones.flux1:Flux1Backbone", hub_id="black-forest-labs/FLUX.1-dev",
+                 eval_steps=50, guidance=4.0, batch=dict(zip(_B, (4, 4, 4, 8, 8, 8, 4, 4, 4))),
+                 tiny="flowbp_ops.backbones.tiny:tiny_flux1_pipeline"),
+    BackboneSpec("flux2", "FLUX.2-Klein-base (empirical mu shift, real CFG)", "flux2",
+                 adapter="flowbp_ops.backbones.flux2:Flux2Backbone", hub_id="black-forest-labs/FLUX.2-klein-base-9B",
+                 eval_steps=50, guidance=4.0, batch=dict(zip(_B, (4, 4, 4, 4, 4, 4, 2, 2, 2))),
+                 micro_batches={"draft_lv": 2}, tiny="flowbp_ops.backbones.tiny:tiny_flux2_pipeline"),
+    # the default world's small model and the random-init DiT of tests and gradcheck are SD3 architectures with
+    # real CFG: they borrow SD3.5's hyperparameters
+    BackboneSpec("default", "the default world's small SD3-architecture model (static shift 3)", "static",
+                 shift=3.0, hyper_from="sd35"),
+    BackboneSpec("tiny", "small random-init SD3-architecture DiT (tests, gradcheck)", "static", shift=3.0,
+                 hyper_from="sd35"),
+]}
+REAL = tuple(n for n, s in BACKBONES.items() if s.adapter)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ConfigError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}") from None
+
+
+def tiny_pipeline(name: str, seed: int = 0):
+    spec = get_backbone(name)
+    if spec.tiny is None:
+        raise ValueError(f"backbone {name!r} has no tiny pipeline (the real ones: {', '.join(REAL)})")
+    return _load(spec.tiny)(seed)
