@@ -39,7 +39,7 @@ KEY_ENV, KEY = "FLOWBP_TEST_JUDGE_KEY", "sk-test-secret-4242"
 def make_judge(base_url: str, monkeypatch, **kw) -> VLMJudge:
     monkeypatch.setenv(KEY_ENV, KEY)
     cfg = dict(base_url=base_url, model="test/judge-7b", api_key_env=KEY_ENV, timeout=5.0,
-               retries=2, backoff=0.01, max_concurrency=3)
+               retries=2, max_concurrency=3)
     return VLMJudge(VLMJudgeConfig(**{**cfg, **kw}))
 
 
@@ -68,7 +68,8 @@ def test_judge_sends_well_formed_requests_and_keeps_order(stub, monkeypatch):
     seen = set()
     for req in stub.requests:
         assert req["path"] == "/v1/chat/completions"
-        assert req["headers"]["Authorization"] == f"Bearer {KEY}"
+        headers = {k.lower(): v for k, v in req["headers"].items()}  # HTTP header names ignore case
+        assert headers["authorization"] == f"Bearer {KEY}"
         body = json.loads(req["body"])
         assert body["model"] == "test/judge-7b"
         parts = body["messages"][0]["content"]
@@ -87,10 +88,10 @@ def test_judge_sends_well_formed_requests_and_keeps_order(stub, monkeypatch):
 
 def test_judge_without_key_sends_no_authorization(stub, monkeypatch):
     monkeypatch.delenv("FLOWBP_NO_SUCH_KEY", raising=False)
-    judge = VLMJudge(VLMJudgeConfig(base_url=stub.base_url, api_key_env="FLOWBP_NO_SUCH_KEY", backoff=0.01))
+    judge = VLMJudge(VLMJudgeConfig(base_url=stub.base_url, api_key_env="FLOWBP_NO_SUCH_KEY"))
     out = judge(images(1), ["x"])
     assert out["alignment"].tolist() == [4.0]
-    assert "Authorization" not in stub.requests[0]["headers"]
+    assert "authorization" not in {k.lower() for k in stub.requests[0]["headers"]}
 
 
 @pytest.mark.parametrize("reply, expected", [

@@ -1,8 +1,10 @@
 """A served VLM judge (UnifiedReward-style) over an OpenAI-compatible chat-completions API.
 
-Each image goes to ``POST {base_url}/chat/completions`` with the prompt and the image as a
-``data:image/png;base64,...`` content part; the judge answers with an alignment and a quality
-score, each 1 to 5. Evaluation only: images are detached and encoded as PNG, no gradient.
+Each image goes to ``POST {base_url}/chat/completions`` through the official ``openai`` client (its
+timeouts, and its retries of connection errors, 408/409/429 and 5xx with back-off and the server's
+Retry-After) with the prompt and the image as a ``data:image/png;base64,...`` content part; the judge
+answers with an alignment and a quality score, each 1 to 5. Evaluation only: images are detached and
+encoded as PNG, no gradient.
 
 Serve a judge for instance with ``vllm serve CodeGoat24/UnifiedReward-qwen-7b --port 8000``
 and point ``base_url`` at ``http://127.0.0.1:8000/v1``.
@@ -15,12 +17,11 @@ import io
 import json
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
+import openai
 import torch
 from PIL import Image
 from torch import Tensor
@@ -60,8 +61,7 @@ class VLMJudgeConfig:
     model: str = "CodeGoat24/UnifiedReward-qwen-7b"
     api_key_env: str | None = "FLOWBP_JUDGE_API_KEY"  # the env var's name; the key is never stored here
     timeout: float = 120.0  # seconds per request
-    retries: int = 3  # extra attempts after the first, on 429/5xx/connection errors
-    backoff: float = 1.0  # seconds; doubles each retry
+    retries: int = 3  # extra attempts after the first, on 408/409/429/5xx/connection errors (the client's rule)
     max_concurrency: int = 4
     max_tokens: int = 256
     temperature: float = 0.0  # greedy: the same image gets the same score
@@ -152,71 +152,55 @@ class VLMJudge:
             raise ValueError(f"need retries >= 0, max_concurrency >= 1 and timeout > 0, got {self.config}")
         env = self.config.api_key_env
         self._api_key = os.environ.get(env) if env else None  # kept private; redacted from errors
-        self.url = self.config.base_url.rstrip("/") + "/chat/completions"
+        self._password = urlsplit(self.config.base_url).password
+        base = _public_url(self.config.base_url.rstrip("/"))  # a password in the URL is never sent or shown
+        self.url = base + "/chat/completions"
+        self.client = openai.OpenAI(base_url=base, api_key=self._api_key or "none", timeout=self.config.timeout,
+                                    max_retries=self.config.retries)
+        # without a key, no Authorization header at all (a local vLLM server needs none)
+        self._headers = {} if self._api_key else {"Authorization": openai.omit}
 
     def _redact(self, text: str) -> str:
         """``text`` without the API key or a password embedded in base_url."""
-        text = text.replace(self.url, _public_url(self.url))
-        for secret in (self._api_key, urlsplit(self.url).password):
+        for secret in (self._api_key, self._password):
             if secret:
                 text = text.replace(secret, "[REDACTED]")
         return text
 
     def _request(self, png: bytes, prompt: str) -> str:
-        """The reply text of one chat completion, retrying 429/5xx/connection errors with backoff."""
+        """The reply text of one chat completion (the client retries what is worth retrying)."""
         cfg = self.config
         data_url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        body = {
-            "model": cfg.model,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": data_url}},
-                {"type": "text", "text": JUDGE_PROMPT.format(prompt=prompt)},
-            ]}],
-            "max_tokens": cfg.max_tokens,
-            "temperature": cfg.temperature,
-        }
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        public = _public_url(self.url)
-        for attempt in range(cfg.retries + 1):
-            last = attempt == cfg.retries
-            try:
-                resp = requests.post(self.url, json=body, headers=headers, timeout=cfg.timeout)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if last:
-                    raise JudgeUnreachableError(
-                        f"cannot reach the VLM judge at {public} after {cfg.retries + 1} attempts "
-                        f"({type(exc).__name__}: {self._redact(str(exc))}). Start an OpenAI-compatible "
-                        f"server (e.g. `vllm serve {cfg.model} --port 8000`) or point base_url at "
-                        "one that is running.") from None
-                wait = cfg.backoff * 2 ** attempt
-            else:
-                if resp.status_code == 200:
-                    return self._decode(resp, public)
-                if (resp.status_code != 429 and resp.status_code < 500) or last:
-                    raise JudgeHTTPError(
-                        f"VLM judge at {public} answered HTTP {resp.status_code}: "
-                        f"{self._redact(_server_message(resp))}")
-                # honour the server's Retry-After when it gives seconds, otherwise back off
-                retry_after = resp.headers.get("Retry-After", "")
-                backoff = cfg.backoff * 2 ** attempt
-                wait = min(float(retry_after), 60.0) if retry_after.replace(".", "", 1).isdigit() else backoff
-            time.sleep(wait)
-        raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
-
-    def _decode(self, resp: requests.Response, public: str) -> str:
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url}},
+            {"type": "text", "text": JUDGE_PROMPT.format(prompt=prompt)},
+        ]}]
         try:
-            payload = resp.json()
-            content = payload["choices"][0]["message"]["content"]
+            raw = self.client.chat.completions.with_raw_response.create(
+                model=cfg.model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                extra_headers=self._headers)
+        except openai.APIConnectionError as exc:  # refused, DNS, timeout: after every retry
+            raise JudgeUnreachableError(
+                f"cannot reach the VLM judge at {self.url} after {cfg.retries + 1} attempts "
+                f"({type(exc).__name__}: {self._redact(str(exc))}). Start an OpenAI-compatible "
+                f"server (e.g. `vllm serve {cfg.model} --port 8000`) or point base_url at one that is running."
+            ) from None
+        except openai.APIStatusError as exc:
+            raise JudgeHTTPError(f"VLM judge at {self.url} answered HTTP {exc.status_code}: "
+                                 f"{self._redact(_server_message(exc.response))}") from None
+        return self._decode(raw.http_response.text)
+
+    def _decode(self, text: str) -> str:
+        try:
+            content = json.loads(text)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise JudgeHTTPError(
-                f"VLM judge at {public} sent a malformed chat-completions response "
-                f"({type(exc).__name__}): {self._redact(_excerpt(resp.text))!r}") from None
+                f"VLM judge at {self.url} sent a malformed chat-completions response "
+                f"({type(exc).__name__}): {self._redact(_excerpt(text))!r}") from None
         if isinstance(content, list):  # some servers return content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         if not isinstance(content, str):
-            raise JudgeHTTPError(f"VLM judge at {public} sent non-text content: {_excerpt(repr(content))}")
+            raise JudgeHTTPError(f"VLM judge at {self.url} sent non-text content: {_excerpt(repr(content))}")
         return content
 
     def score_one(self, png: bytes, prompt: str) -> tuple[float, float]:
@@ -235,7 +219,7 @@ class VLMJudge:
                 "quality": torch.tensor(quality, dtype=torch.float32)}
 
 
-def _server_message(resp: requests.Response) -> str:
+def _server_message(resp) -> str:
     """The server's own error message (OpenAI ``{"error": {"message": ...}}``) or the raw body."""
     try:
         err = resp.json().get("error")
