@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flowbp_ops import methods
+from flowbp_ops.backbones.table import BACKBONES
 
 
 def positive_int(text: str) -> int:
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("methods", help="the methods and their four axes, as a table")
-    m.add_argument("--backbone", default="sd35", choices=methods.BACKBONES)
+    m.add_argument("--backbone", default="sd35", choices=list(BACKBONES))
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_cmd_methods)
 
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="the backward surrogate plan of one draw")
     method_args(pl, 25)
-    pl.add_argument("--backbone", default="sd35", help=f"one of {', '.join(methods.BACKBONES)}")
+    pl.add_argument("--backbone", default="sd35", help=f"one of {', '.join(BACKBONES)}")
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--resolution", type=positive_int, default=512, help="image size (sets FLUX's mu)")
     pl.set_defaults(func=_cmd_plan)

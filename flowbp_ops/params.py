@@ -219,7 +219,7 @@ class Params(_Section):
         names = list(dict.fromkeys([self.train.reward, *self.eval.rewards]))
         out = [f"reward/{n}" for n in names] + ["diversity"]
         if self.train.backbone == "default":  # the default world's GenEval-style judge
-            from flowbp_ops.world.scenes import TAGS
+            from flowbp_ops.judges.geneval import TAGS
 
             out += ["geneval/overall"] + [f"geneval/{t}" for t in TAGS]
         if self.eval.judge_url:

@@ -23,6 +23,9 @@ mkdir -p .dagster
 [ -f .dagster/dagster.yaml ] || cat > .dagster/dagster.yaml <<'YAML'
 telemetry:
   enabled: false
+python_logs:
+  managed_python_loggers: [flowbp_ops]   # the library's log records in each run's event log
+  python_log_level: INFO
 concurrency:
   pools:
     default_limit: 1   # one `gpu`-pool op at a time on one machine

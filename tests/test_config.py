@@ -1,7 +1,8 @@
 import pytest
 from conftest import sd35_sigmas
 
-from flowbp_ops.methods import BACKBONES, METHODS, get_method
+from flowbp_ops.backbones.table import BACKBONES
+from flowbp_ops.methods import METHODS, get_method
 from flowbp_ops.surrogate import ConfigError, build_plan
 
 

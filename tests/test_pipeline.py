@@ -149,7 +149,8 @@ def chain(tmp_path_factory):
 
     home = root / "dagster"  # an instance of its own, whose event log the tests read
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\npython_logs:\n  managed_python_loggers: "
+                                       "[flowbp_ops]\n  python_log_level: INFO\n")
     old = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(home)
     try:
@@ -195,6 +196,19 @@ def test_chain_materializes_every_stage_and_tracks_in_mlflow(chain):
     versions = client.search_model_versions("name='flowbp-default'")
     assert {v.tags["method"] for v in versions} == set(params.methods)
     assert {v.run_id for v in versions} == {runs[m].info.run_id for m in params.methods}
+
+
+def test_library_logging_reaches_the_dagster_event_log(chain):
+    """The library logs with stdlib logging (``flowbp_ops.*``); the instance manages those loggers, so the
+    prepare run's event log holds the stages' start, progress and end records."""
+    import dagster as dg
+
+    root, _, result = chain
+    instance = dg.DagsterInstance.from_config(str(root / "dagster"))
+    messages = [e.user_message for e in instance.all_logs(result["prepare"]["run_id"])]
+    assert any("base_model: started" in m for m in messages), messages[-20:]
+    assert any(m.startswith("base_model: flow ") and "/3 (loss" in m for m in messages)
+    assert any("reward_models: done in" in m for m in messages)
 
 
 def test_gpu_stages_run_through_pipes_and_report_back(chain):

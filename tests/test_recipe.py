@@ -137,7 +137,8 @@ def test_6_cfg_gradient_compensation_divides_the_loss_by_the_guidance(world):
     norms = {}
     for comp in (False, True):
         cfg = TrainConfig(method="flowbp_lagrange", steps=1, batch=2, rollout_steps=4, heldout_rewards=[], ema=None,
-                          guidance=4.0, grad_clip=1e9, cfg_grad_compensate=comp, ema_eval_every=None)
+                          guidance=4.0, grad_clip=1e9, cfg_grad_compensate=comp, ema_eval_every=None,
+                          pretrain_weight=0)  # the compensation divides the reward loss alone
         t = Trainer(cfg, DefaultBackbone(world), prompts, {"world_dir": world})
         norms[comp] = t.fit(world.parent / f"cfgcomp-{comp}")["last"]["grad_norm"]
     assert norms[False] > 0 and math.isclose(norms[True] * 4.0, norms[False], rel_tol=1e-4)

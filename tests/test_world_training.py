@@ -188,3 +188,48 @@ def test_a_world_build_repeats_bit_for_bit(tmp_path):
     build_world(tmp_path / "c", cfg.model_copy(update={"seed": 1}))
     other = json.loads((tmp_path / "c" / "transformer" / "manifest.json").read_text())["sha256"]
     assert other != manifests[0]["transformer"]
+
+
+class _Flat:
+    name = "flat"
+
+    def __call__(self, images, prompts):  # a reward with no gradient: the step's gradient is the pre-training one
+        return images.mean((1, 2, 3)) * 0 + 0.5
+
+
+register("flat")(lambda **_: _Flat())
+
+
+def test_pretraining_loss_is_the_base_models_flow_matching_loss_on_its_renders(world, prompts, tmp_path):
+    """ReFL's regulariser: the step's gradient is λ · ∇ of the rectified-flow loss on renders of the training
+    scenes drawn from (seed, step, slot), recomputed here independently."""
+    from flowbp_ops.surrogate.plan import build_plan
+    from flowbp_ops.training import batches
+    from flowbp_ops.training.loop import Trainer, attach_trainable
+    from flowbp_ops.world.base_model import encode_images, flow_matching_loss
+    from flowbp_ops.world.pretrain import WorldRenders
+
+    a, b = WorldRenders(world).batch(3, 5, [0, 1]), WorldRenders(world).batch(3, 5, [0, 1])
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[1] != WorldRenders(world).batch(3, 6, [0, 1])[1]
+    cfg = small("flowbp_sparse", steps=1, reward="flat", ema=None, pretrain_weight=2.0, grad_clip=1e9, seed=3)
+    t = Trainer(cfg, backbone(world), prompts, {"world_dir": world})
+    t.opt.zero_grad(set_to_none=True)
+    plan = build_plan(t.method, t.sigmas, batches.plan_seed(cfg.seed, 0))
+    t._micro_batch(t.backbone.denoiser(cfg.guidance), plan, 0)
+    got = [p.grad.clone() for p in t.params]
+    ref = backbone(world)
+    attach_trainable(ref, cfg)
+    images, texts = WorldRenders(world).batch(cfg.seed, 0, [0, 1])
+    cond = ref.encode_prompts(texts)
+    x = encode_images(ref.vae, images)
+    g = torch.Generator().manual_seed(batches.sample_seeds(cfg.seed, 0, [0])[0] ^ 0xF10)
+    eps, sigma = torch.randn(x.shape, generator=g), torch.sigmoid(torch.randn(2, generator=g))
+    params = [p for p in ref.transformer.parameters() if p.requires_grad]
+    want = torch.autograd.grad(2.0 * flow_matching_loss(ref.transformer, x, cond["tokens"], cond["pooled"], eps,
+                                                        sigma), params)
+    assert any(w.abs().sum() > 0 for w in want)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="pretrain_weight"):
+        TrainConfig(backbone="sd35", pretrain_weight=1.0)
+    assert TrainConfig(backbone="sd35").pretraining() == 0 and TrainConfig().pretraining() == 1.0

@@ -39,7 +39,7 @@ class DefaultBackbone:
         self.transformer = SD3Transformer2DModel.from_pretrained(world_dir / "transformer", use_safetensors=True)
         self.transformer.to(device).eval()
         self.text = MiniLMTextEncoder(device=device)
-        self.device = torch.device(device)
+        self.device, self.world_dir = torch.device(device), world_dir
         self._null: dict[str, Tensor] | None = None
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:

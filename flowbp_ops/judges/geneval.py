@@ -20,10 +20,12 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NotRequired, Protocol, Sequence, TypedDict
+from typing import TYPE_CHECKING, Iterable, NotRequired, Protocol, Sequence, TypedDict
 
 import numpy as np
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 METADATA_PATH = Path(__file__).resolve().parent.parent / "data" / "geneval_metadata.jsonl"
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")

@@ -8,10 +8,11 @@ VAE decoder to the latents). Reward models are frozen.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # settings validation checks reward names without importing torch
+    import torch
+    from torch import Tensor
 
 
 class Reward(Protocol):

@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from flowbp_ops.atomic import atomic_path
 from flowbp_ops.params import Params
 from flowbp_ops.stages.paths import paths
@@ -21,10 +19,11 @@ from flowbp_ops.stages.prepare import backbone_of
 from flowbp_ops.stages.train import verified_variant
 
 
-@torch.no_grad()
 def _diversity(backbone, prompts: list[str], n_seeds: int, steps: int, guidance, seed: int,
                batch: int = 64, grid: str = "training") -> tuple[float, Any]:
     """Mean pairwise pixel distance between samples of the same prompt (and the samples)."""
+    import torch
+
     from flowbp_ops.sampling import generate
 
     copies = [p for p in prompts for _ in range(n_seeds)]
@@ -38,6 +37,8 @@ def _diversity(backbone, prompts: list[str], n_seeds: int, steps: int, guidance,
 
 def _score(images, prompts, rewards: dict, judge, batch: int, device) -> dict[str, float]:
     """Mean and spread of every reward over CPU images, scored in batches on ``device``; the judge's metrics."""
+    import torch
+
     scores: dict[str, list] = {n: [] for n in rewards}
     for i in range(0, len(prompts), batch):
         x, ps = images[i:i + batch].to(device), prompts[i:i + batch]
@@ -50,9 +51,17 @@ def _score(images, prompts, rewards: dict, judge, batch: int, device) -> dict[st
     return {**out, **(judge.metrics(images, prompts) if judge is not None else {})}
 
 
-@torch.no_grad()
 def evaluation(params: Params, method: str, tracker=None) -> dict:
     """Held-out metrics of a variant next to the base model's (from the cached rollouts), and the gates."""
+    import torch
+
+    with torch.no_grad():
+        return _evaluation(params, method, tracker)
+
+
+def _evaluation(params: Params, method: str, tracker) -> dict:
+    import torch
+
     from flowbp_ops.adapters import load_trained
     from flowbp_ops.evaluation import judge_for
     from flowbp_ops.rewards.base import get_reward
@@ -140,6 +149,8 @@ def gates(params: Params, base: dict, tuned: dict) -> dict[str, dict]:
 
 def _verdicts(judge, grid, prompts: list[str]):
     """Per grid image whether the judge finds its prompt in it: (prompts, samples) booleans."""
+    import torch
+
     rows, cols = grid.shape[:2]
     correct = judge(grid.flatten(0, 1), [p for p in prompts for _ in range(cols)]).correct
     return torch.tensor(correct).view(rows, cols)

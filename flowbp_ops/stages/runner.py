@@ -8,8 +8,11 @@ Pipes: inside a process Dagster launched it reports log lines, the materializati
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import math
+import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
@@ -18,6 +21,20 @@ from flowbp_ops.locks import stage_lock
 from flowbp_ops.params import Params
 from flowbp_ops.stages.graph import BY_NAME, Stage, stage_transfers
 from flowbp_ops.surrogate.config import ConfigError
+
+# stdlib logging: Dagster shows these records in a run's event log when its instance lists "flowbp_ops" among
+# python_logs.managed_python_loggers (scripts/install.sh writes that dagster.yaml)
+log = logging.getLogger(__name__)
+
+
+def log_progress(label: str, every: float = 0.1):
+    """A ``progress(stage, step, total, loss)`` callback that logs each ``every`` of a sub-stage, at INFO."""
+    def progress(stage: str, step: int, total: int, loss: float) -> None:
+        mark = max(1, int(total * every))
+        if step % mark == 0 or step == total:
+            log.info("%s: %s %d/%d (loss %.4f)", label, stage, step, total, loss)
+
+    return progress
 
 
 def check_results(stage: Stage, meta: dict, params: Params, method: str | None) -> list[dict]:
@@ -60,7 +77,13 @@ def run_stage(name: str, params: Params, method: str | None = None, *, tracker=N
                               run_key=f"{store.uri}/{key}")
         dist.barrier()
         fn = getattr(stages, name)
+        if "progress" in inspect.signature(fn).parameters:  # the default world's builds report their progress
+            kwargs["progress"] = log_progress(name)
+        label = name + (f"[{method}]" if method else "")
+        log.info("%s: started", label)
+        t0 = time.perf_counter()
         meta = fn(params, method, **kwargs) if stage.per_method else fn(params, **kwargs)
+        log.info("%s: done in %.1f s", label, time.perf_counter() - t0)
         if not dist.main:
             return {}, []
         checks = check_results(stage, meta, params, method)

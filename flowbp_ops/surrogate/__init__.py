@@ -1,14 +1,23 @@
-"""The surrogate-trajectory engine: pure torch, backbone-agnostic (spec section 2)."""
+"""The surrogate-trajectory engine: pure torch, backbone-agnostic (spec section 2).
 
-from flowbp_ops.surrogate.compose import Composer, SurrogateOutput, surrogate_step
-from flowbp_ops.surrogate.config import ConfigError, MethodConfig
-from flowbp_ops.surrogate.ops import bridge, connector, scale_grad, sg
-from flowbp_ops.surrogate.plan import Plan, Segment, Term, build_plan
-from flowbp_ops.surrogate.rollout import CFGCond, Denoiser, RolloutCache, rollout
-from flowbp_ops.surrogate.sigmas import flow_sigmas
+The names below are imported on first use, so that reading a method's settings (``surrogate.config``) does not
+import torch: the Dagster definitions and settings validation stay light.
+"""
 
-__all__ = [
-    "CFGCond", "Composer", "ConfigError", "Denoiser", "MethodConfig", "Plan", "RolloutCache", "Segment",
-    "SurrogateOutput", "Term", "bridge", "build_plan", "connector", "flow_sigmas", "rollout", "scale_grad",
-    "sg", "surrogate_step",
-]
+import importlib
+
+_WHERE = {
+    "Composer": "compose", "SurrogateOutput": "compose", "surrogate_step": "compose",
+    "ConfigError": "config", "MethodConfig": "config",
+    "bridge": "ops", "connector": "ops", "scale_grad": "ops", "sg": "ops",
+    "Plan": "plan", "Segment": "plan", "Term": "plan", "build_plan": "plan",
+    "CFGCond": "rollout", "Denoiser": "rollout", "RolloutCache": "rollout", "rollout": "rollout",
+    "flow_sigmas": "sigmas",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def _reward_spec(value: str) -> str:
@@ -55,6 +55,10 @@ class TrainConfig(BaseModel):
     ema_eval_every: int | None = Field(50, ge=1, description="evaluate the EMA weights at step 1 and every this "
                                        "many steps on a fixed held-out subset (None: never)")
     ema_eval_prompts: int = Field(16, ge=1, description="held-out prompts of that evaluation")
+    pretrain_weight: float | None = Field(
+        None, ge=0, description="weight of the base model's own flow-matching loss on its training data, added to "
+        "the reward loss (ReFL's pre-training loss: keeps samples diverse; measured). None: 1.0 on the default world "
+        "(fresh renders of its training scenes), 0 on a real backbone (no training images here)")
     r_max: float = Field(0.7, description="hinge target of the training reward (the default world: a sample already "
                          "right with probability 0.7 gets no gradient, which keeps samples diverse; measured)")
     # optimisation (spec section 4, scaled to the default world)
@@ -90,11 +94,25 @@ class TrainConfig(BaseModel):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        from flowbp_ops.methods import BACKBONES
+        from flowbp_ops.backbones.table import BACKBONES
 
         if value not in BACKBONES:
             raise ValueError(f"unknown backbone {value!r}; choose from {', '.join(BACKBONES)}")
         return value
+
+    @model_validator(mode="after")
+    def _pretraining_data(self) -> "TrainConfig":
+        if self.pretrain_weight and self.backbone != "default":
+            raise ValueError(f"train.pretrain_weight={self.pretrain_weight} needs the base model's training images, "
+                             "which only the default world has here: set it to 0 (or leave it unset) for "
+                             f"backbone {self.backbone}")
+        return self
+
+    def pretraining(self) -> float:
+        """The weight of the pre-training loss this run uses."""
+        if self.pretrain_weight is not None:
+            return self.pretrain_weight
+        return 1.0 if self.backbone == "default" else 0.0
 
     @field_validator("betas")
     @classmethod

@@ -98,6 +98,11 @@ class Trainer:
         reward_kwargs = {"device": self.device, **(reward_kwargs or {})}
         self.reward = get_reward(cfg.reward, **reward_kwargs)
         self.heldout = {n: get_reward(n, **reward_kwargs) for n in cfg.heldout_rewards}
+        self.pretrain = None  # the base model's training data, for the pre-training loss (the default world)
+        if cfg.pretraining():
+            from flowbp_ops.world.pretrain import WorldRenders
+
+            self.pretrain = WorldRenders(backbone.world_dir)
         attach_trainable(backbone, cfg)
         self.sharded = cfg.finetune == "full" and dist.active
         if self.sharded:
@@ -214,13 +219,32 @@ class Trainer:
         if cfg.cfg_grad_compensate and cfg.guidance:  # the authors' CFG gradient compensation (spec §6.6)
             loss = loss / cfg.guidance
         (loss / layout.accumulation).backward()
+        pretrain = {}
+        if self.pretrain is not None:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                fm = self._pretraining_loss(qs)
+            (cfg.pretraining() * fm / layout.accumulation).backward()
+            pretrain = {"diag:pretrain_loss": float(fm)}
         with torch.no_grad():
             sums = {"reward": float(r.sum()), **{f"heldout/{n}": float(h(images.detach(), scored).sum())
                                                   for n, h in self.heldout.items()}}
         diag = out.diagnostics()
         self.plan_info = {k: v for k, v in diag.items() if not isinstance(v, (int, float))}  # the plan: same on all
         numeric = {f"diag:{k}": float(v) for k, v in diag.items() if isinstance(v, (int, float))}
-        return loss.detach(), {**sums, **numeric}, len(scored)
+        return loss.detach(), {**sums, **numeric, **pretrain}, len(scored)
+
+    def _pretraining_loss(self, qs: list[int]) -> torch.Tensor:
+        """The base model's flow-matching loss on fresh renders of its training scenes (ReFL's pre-training loss);
+        data, noise and σ are functions of (seed, step, slot), like everything else a step draws."""
+        from flowbp_ops.world.base_model import encode_images, flow_matching_loss
+
+        images, prompts = self.pretrain.batch(self.cfg.seed, self.step, qs)
+        x = encode_images(self.backbone.vae, images.to(self.device))
+        cond = self.backbone.encode_prompts(prompts)
+        g = torch.Generator().manual_seed(batches.sample_seeds(self.cfg.seed, self.step, qs[:1])[0] ^ 0xF10)
+        eps = torch.randn(x.shape, generator=g).to(self.device)
+        sigma = torch.sigmoid(torch.randn(len(qs), generator=g)).to(self.device)
+        return flow_matching_loss(self.backbone.transformer, x, cond["tokens"], cond["pooled"], eps, sigma)
 
     def fit(self, run_dir: str | Path, callbacks: Iterable[Callback] = (), stop_after: int | None = None
             ) -> dict[str, Any]:

@@ -84,6 +84,15 @@ def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
     return ((vae.decode(latents / c.scaling_factor + c.shift_factor).sample + 1) / 2).clamp(0, 1)
 
 
+def flow_matching_loss(transformer, x: Tensor, tokens: Tensor, pooled: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
+    """The rectified-flow loss: ``v_θ(x_σ)`` against ``ε − x`` at ``x_σ = (1−σ)x + σε`` (the base model's training
+    objective; fine-tuning can keep it as a regulariser on the same data)."""
+    s = sigma[:, None, None, None]
+    pred = transformer(hidden_states=(1 - s) * x + s * eps, encoder_hidden_states=tokens, pooled_projections=pooled,
+                       timestep=sigma * 1000, return_dict=False)[0]
+    return F.mse_loss(pred, eps - x)
+
+
 def train_flow(transformer: SD3Transformer2DModel, latents: Tensor, tokens: Tensor, pooled: Tensor,
                null: dict[str, Tensor], steps: int, batch: int, lr: float, seed: int, cfg_dropout: float = 0.1,
                ema_decay: float = 0.999, progress: Progress | None = None) -> SD3Transformer2DModel:
@@ -105,10 +114,7 @@ def train_flow(transformer: SD3Transformer2DModel, latents: Tensor, tokens: Tens
         pool = torch.where(drop[:, None], null["pooled"].expand_as(pool), pool)
         eps = torch.randn(x.shape, generator=g)
         sigma = torch.sigmoid(torch.randn(batch, generator=g))
-        x_t = (1 - sigma[:, None, None, None]) * x + sigma[:, None, None, None] * eps
-        pred = transformer(hidden_states=x_t, encoder_hidden_states=tok, pooled_projections=pool,
-                           timestep=sigma * 1000, return_dict=False)[0]
-        loss = F.mse_loss(pred, eps - x)
+        loss = flow_matching_loss(transformer, x, tok, pool, eps, sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flowbp_ops.judges.geneval import TAGS  # GenEval's six tags, in its order
+
 CANVAS, CELL = 32, 16
 GRID = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, column) of each cell
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -39,7 +41,6 @@ PLURALS = ("zeros", "ones", "twos", "threes", "fours", "fives", "sixes", "sevens
 COLORS = {"red": (1.0, 0.15, 0.1), "green": (0.1, 0.85, 0.2), "blue": (0.15, 0.35, 1.0), "yellow": (1.0, 0.9, 0.1)}
 COUNTS = {2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
-TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 SIZES = (12, 13, 14)  # glyph side in pixels
 
 
