@@ -41,9 +41,15 @@ class DefaultBackbone:
         self.text = MiniLMTextEncoder(device=device)
         self.device, self.world_dir = torch.device(device), world_dir
         self._null: dict[str, Tensor] | None = None
+        self._cache: dict[str, dict[str, Tensor]] = {}
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        return {k: v.to(self.device) for k, v in self.text.encode(prompts).items()}
+        """Token states and pooled vectors, each prompt encoded once per backbone (the world's prompt sets repeat)."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if new:
+            enc = self.text.encode(new)
+            self._cache.update({p: {k: v[i] for k, v in enc.items()} for i, p in enumerate(new)})
+        return {k: torch.stack([self._cache[p][k] for p in prompts]).to(self.device) for k in ("tokens", "pooled")}
 
     def null(self, batch: int) -> dict[str, Tensor]:
         if self._null is None:
