@@ -13,6 +13,7 @@ records the gates as version tags; the model keeps the previous champion in a ta
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,8 @@ from flowbp_ops.params import TrackingParams
 from mlflow import MlflowClient
 
 CANDIDATE, CHAMPION = "candidate", "champion"
+# MLflow 3's UI opens an experiment on its GenAI views unless the experiment says it is model training
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class PromotionError(ValueError):
@@ -125,19 +128,43 @@ class Tracker:
     def experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
         if exp is not None:
+            if any(exp.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
+                for k, v in EXPERIMENT_KIND.items():
+                    self.client.set_experiment_tag(exp.experiment_id, k, v)
             return exp.experiment_id
         loc = self.cfg.artifact_location
         if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", loc):  # a local folder, not s3:// or mlflow-artifacts:/
             Path(loc).mkdir(parents=True, exist_ok=True)
             loc = Path(loc).resolve().as_uri()
-        return self.client.create_experiment(self.cfg.experiment, artifact_location=loc)
+        return self.client.create_experiment(self.cfg.experiment, artifact_location=loc, tags=EXPERIMENT_KIND)
 
-    def start_run(self, name: str, tags: dict[str, str], params: dict | None = None) -> str:
+    def start_run(self, name: str, tags: dict[str, str], params: dict | None = None, parent: str | None = None) -> str:
+        """A run in the experiment, tagged with the git commit (MLflow's own tag); ``parent``: nested under it."""
+        std = {"mlflow.source.git.commit": git_commit(), **({"mlflow.parentRunId": parent} if parent else {})}
         run = self.client.create_run(self.experiment_id(), run_name=name,
-                                     tags={"git.commit": git_commit(), **{k: str(v) for k, v in tags.items()}})
+                                     tags={**std, **{k: str(v) for k, v in tags.items()}})
         for k, v in flatten(params or {}).items():
             self.client.log_param(run.info.run_id, k, json.dumps(v) if isinstance(v, (list, dict)) else v)
         return run.info.run_id
+
+    def system_metrics(self, run_id: str, interval: float = 10.0):
+        """A context in which MLflow samples CPU, memory, disk and GPU use into ``run_id`` (``system/*``)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1)
+
+        class _Monitor:
+            def __enter__(self):
+                monitor.start()
+
+            def __exit__(self, *exc):
+                monitor.finish()
+
+        return _Monitor()
+
+    def log_image(self, run_id: str, image, key: str, step: int) -> None:
+        """An image (H, W, 3 uint8) under ``key`` at ``step``: MLflow's image history, browsable by step."""
+        self.client.log_image(run_id, image, key=key, step=step)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
@@ -202,18 +229,18 @@ class Tracker:
         """A real backbone's adapter through MLflow's diffusers flavour (base model by hub id and commit, or
         path; the adapter's weights as artifacts); returns the registered version.
 
-        The flavour records the hub's latest commit when it logs; if that is not the commit the base model
-        was pinned to (a newer upload since), registering would point at the wrong base, so it refuses."""
+        The flavour asks the hub for the base model's latest commit when it logs: offline it records none, and
+        after a newer upload it records the wrong one. The model was trained on the pinned commit, so that is
+        the revision recorded (``load_pipeline`` then loads exactly that base)."""
+        from unittest import mock
+
         import mlflow.diffusers
 
-        with mlflow.start_run(run_id=run_id):
+        # the flavour's one resolution hook (mlflow 3.17): answered with the pin instead of a hub query
+        pin = mock.patch.object(mlflow.diffusers, "_resolve_base_model_revision", lambda _base: revision)
+        with mlflow.start_run(run_id=run_id), pin if revision else contextlib.nullcontext():
             info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="model",
                                               metadata={"flowbp": tags})
-        recorded = (info.flavors.get("diffusers") or {}).get("base_model_revision")
-        if revision and recorded != revision:
-            raise PromotionError(f"MLflow recorded {base_model}@{recorded} but the model was trained on the pinned "
-                                 f"@{revision}: the hub moved since; load it with "
-                                 f"load_pipeline(revision='{revision}') or retrain on the new commit")
         mv = mlflow.register_model(info.model_uri, model_name, tags=tags)
         return str(mv.version)
 

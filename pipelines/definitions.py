@@ -6,7 +6,6 @@ Kubernetes pod on a cluster (the ``launcher`` resource) — which streams its pe
 materialization and its asset checks back. Start the UI with ``dagster dev -m pipelines.definitions``.
 """
 
-import base64
 import json
 import math
 from pathlib import Path
@@ -24,11 +23,6 @@ METHOD_PARTITIONS = dg.StaticPartitionsDefinition(list(METHODS))
 TRAIN_RETRY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
 
 
-def _image_md(path: Path) -> dg.MetadataValue:
-    b64 = base64.b64encode(path.read_bytes()).decode()
-    return dg.MetadataValue.md(f"![{path.name}](data:image/png;base64,{b64})")
-
-
 def _metadata(meta: dict[str, Any]) -> dict[str, Any]:
     """Scalars as they are, everything else as JSON (Dagster shows both)."""
     out = {}
@@ -43,16 +37,23 @@ def _metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _extra_metadata(stage: Stage, params, method: str | None, mlflow: MlflowResource, meta: dict) -> dict:
-    """What users look at, added on the Dagster side: sample grids, the comparison's plots, the MLflow link."""
+    """What users look at, added on the Dagster side: links to the sample grids and the comparison's plots where
+    MLflow keeps them (the event log holds links, not images), the files themselves, the MLflow run."""
     from flowbp_ops.stages import paths
+
+    def linked(name: str, path: Path, run_id: str | None, artifact: str) -> dict:
+        url = mlflow.run_url(params.tracking, run_id, artifact)
+        return {name: dg.MetadataValue.url(url)} if url else {f"{name}_file": dg.MetadataValue.path(str(path))}
 
     extra = {}
     if stage.name == "evaluation":
-        extra["samples"] = _image_md(paths(params).evaluation(method) / "samples.png")
+        extra.update(linked("samples", paths(params).evaluation(method) / "samples.png", meta.get("eval_run_id"),
+                            "samples/samples.png"))
     if stage.name == "method_comparison":
         out = paths(params).comparison
-        extra.update(table=dg.MetadataValue.md(meta["table"]), reward_change=_image_md(out / "comparison.png"),
-                     curves=_image_md(out / "curves.png"))
+        extra["table"] = dg.MetadataValue.md(meta["table"])
+        for name, file in (("reward_change", "comparison.png"), ("curves", "curves.png")):
+            extra.update(linked(name, out / file, meta.get("run_id"), file))
     if stage.tracked and meta.get("run_id"):
         extra["mlflow_run"] = mlflow.run_url(params.tracking, meta["run_id"])
     return extra

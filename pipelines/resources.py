@@ -31,10 +31,12 @@ class MlflowResource(dg.ConfigurableResource):
 
         return Tracker(self.settings(defaults))
 
-    def run_url(self, defaults: TrackingParams, run_id: str | None) -> str | None:
+    def run_url(self, defaults: TrackingParams, run_id: str | None, artifact: str | None = None) -> str | None:
+        """The run's page in the MLflow UI (``artifact``: that artifact, opened in its artifact view)."""
         if not run_id:
             return None
-        return f"{self.ui_url}/#/experiments/{self.tracker(defaults).experiment_id()}/runs/{run_id}"
+        url = f"{self.ui_url}/#/experiments/{self.tracker(defaults).experiment_id()}/runs/{run_id}"
+        return url + (f"/artifacts/{artifact}" if artifact else "")
 
 
 class StorageResource(dg.ConfigurableResource):

@@ -153,9 +153,11 @@ def chain(tmp_path_factory):
                                        "[flowbp_ops]\n  python_log_level: INFO\n")
     old = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(home)
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.1"  # MLflow's own knob: samples within 2 steps
     try:
         result = run_chain(params_file)
     finally:
+        os.environ.pop("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
         os.environ.pop("DAGSTER_HOME")
         if old:
             os.environ["DAGSTER_HOME"] = old
@@ -184,15 +186,21 @@ def test_chain_materializes_every_stage_and_tracks_in_mlflow(chain):
 
     client = MlflowClient(params.tracking.tracking_uri)
     exp = client.get_experiment_by_name("flowbp")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on model training
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert {"flowbp_sparse", "refl", "method_comparison"} <= set(runs)
-    run = runs["flowbp_sparse"]
+    assert {"flowbp_sparse", "refl", "flowbp_sparse/evaluation", "method_comparison"} <= set(runs)
+    run, evaluation = runs["flowbp_sparse"], runs["flowbp_sparse/evaluation"]
     assert run.data.tags["dagster.partition"] == "flowbp_sparse" and run.data.tags["dagster.run_id"]
-    assert run.data.tags["rollouts.sha256"] != "none" and len(run.data.tags["git.commit"]) >= 7
-    assert run.data.params["train.lr"] == str(params.train.lr) and "eval/reward/align" in run.data.metrics
+    assert run.data.tags["rollouts.sha256"] != "none" and len(run.data.tags["mlflow.source.git.commit"]) >= 7
+    assert run.data.params["train.lr"] == str(params.train.lr) and run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "reward")) == params.train.steps
+    assert any(k.startswith("system/") for k in run.data.metrics)  # MLflow's system metrics of the training
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "samples", "evaluation"} <= arts
+    assert {"adapter", "images"} <= arts  # the EMA model's samples by step (MLflow's image history)
+    # the evaluation: its own run, nested under the training run, opened and ended by the evaluation stage
+    assert evaluation.data.tags["mlflow.parentRunId"] == run.info.run_id and evaluation.info.status == "FINISHED"
+    assert "eval/reward/align" in evaluation.data.metrics and "gate/reward_improved" in evaluation.data.metrics
+    assert {"samples", "evaluation"} <= {a.path for a in client.list_artifacts(evaluation.info.run_id)}
     versions = client.search_model_versions("name='flowbp-default'")
     assert {v.tags["method"] for v in versions} == set(params.methods)
     assert {v.run_id for v in versions} == {runs[m].info.run_id for m in params.methods}
@@ -282,6 +290,52 @@ def test_promotion_gates_aliases_and_rollback(chain):
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     images = model.predict(["a photo of a red seven"], params={"steps": 2})
     assert images.shape == (1, 32, 32, 3) and images.dtype.name == "uint8"
+
+
+def test_registered_model_serves_outside_the_repo(chain, tmp_path):
+    """`mlflow models serve` of the registered champion, from a folder that is not this checkout, on 127.0.0.1:
+    the model carries its base weights, adapter and code, and answers a request with an image."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from flowbp_ops.tracking import Tracker
+
+    root, params, _ = chain
+    tracker = Tracker(params.tracking)
+    name = params.promote.model_name
+    version = sorted(str(v.version) for v in tracker.client.search_model_versions(f"name='{name}'"))[0]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": params.tracking.tracking_uri, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                               f"models:/{name}/{version}", "--env-manager", "local", "-h", "127.0.0.1", "-p",
+                               str(port), "--workers", "1"], cwd=elsewhere, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        body = json.dumps({"inputs": ["a photo of a red seven"], "params": {"steps": 2}}).encode()
+        deadline, answer = time.time() + 180, None
+        while time.time() < deadline and answer is None and server.poll() is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                             {"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    answer = json.loads(resp.read())
+            except OSError:
+                time.sleep(1)
+        assert answer is not None, server.stdout.read()[-3000:] if server.poll() is not None else "no answer"
+        import numpy as np
+
+        image = np.asarray(answer["predictions"])
+        assert image.shape == (1, 32, 32, 3) and image.min() >= 0 and image.max() <= 255
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_stage_cli_refuses_bad_input(tmp_path, capsys):

@@ -97,23 +97,39 @@ def _evaluation(params: Params, method: str, tracker) -> dict:
         vlm = VLMJudge(VLMJudgeConfig(base_url=e.judge_url, model=e.judge_model))
         for scores, imgs in ((base, base_images), (tuned, images)):
             scores.update({f"judge/{k}": float(v.mean()) for k, v in vlm(imgs, prompts).items()})
+    # the evaluation's own MLflow run, nested under the training run it evaluates (which has ended)
+    eval_run = None
+    if tracker is not None and summary.get("run_id"):
+        eval_run = tracker.start_run(f"{method}/evaluation", {"flowbp.stage": "evaluation", "method": method},
+                                     parent=summary["run_id"])
     metrics = {"method": method, "n_prompts": len(prompts), "base": base, "variant": tuned,
                "delta": {k: tuned[k] - base[k] for k in tuned}, "gates": gates(params, base, tuned),
-               "model_version": summary.get("model_version"), "run_id": summary.get("run_id")}
+               "model_version": summary.get("model_version"), "run_id": summary.get("run_id"),
+               "eval_run_id": eval_run}
+    try:
+        _write(p, method, metrics, judge, base_grid, grid, spread, e.grid_prompts)
+        if eval_run is not None:
+            tracker.log_metrics(eval_run, {f"eval/{k}": v for k, v in tuned.items()})
+            tracker.log_metrics(eval_run, {f"eval_base/{k}": v for k, v in base.items()})
+            tracker.log_metrics(eval_run, {f"gate/{g}": float(r["passed"]) for g, r in metrics["gates"].items()})
+            tracker.log_artifact(eval_run, p.evaluation(method) / "samples.png", "samples")
+            tracker.log_artifact(eval_run, p.evaluation(method) / "metrics.json", "evaluation")
+    except BaseException:
+        if eval_run is not None:
+            tracker.end_run(eval_run, "FAILED")
+        raise
+    if eval_run is not None:
+        tracker.end_run(eval_run)
+    return metrics
+
+
+def _write(p, method: str, metrics: dict, judge, base_grid, grid, spread: list[str], n: int) -> None:
     with atomic_path(p.evaluation(method)) as tmp:
         tmp.mkdir()
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        n = e.grid_prompts
         save_grid(base_grid[:n], grid[:n], spread[:n], tmp / "samples.png", f"{method}: base (left) vs tuned (right)"
                   + (", green frame: the held-out judge finds the prompt" if judge is not None else ""),
                   [_verdicts(judge, g[:n], spread[:n]) for g in (base_grid, grid)] if judge is not None else None)
-    if tracker is not None and summary.get("run_id"):
-        run_id = summary["run_id"]
-        tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in tuned.items()})
-        tracker.log_metrics(run_id, {f"eval_base/{k}": v for k, v in base.items()})
-        tracker.log_artifact(run_id, p.evaluation(method) / "samples.png", "samples")
-        tracker.log_artifact(run_id, p.evaluation(method) / "metrics.json", "evaluation")
-    return metrics
 
 
 def gates(params: Params, base: dict, tuned: dict) -> dict[str, dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -67,12 +68,18 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
         def on_step(self, step, m):
             if tracker is not None:
                 tracker.log_metrics(run_id, {k: v for k, v in m.items() if isinstance(v, (int, float))}, step)
+                if trainer.eval_images is not None and any(k.startswith("ema_eval/") for k in m):
+                    # the EMA model's samples at this step: MLflow's image history, one strip per evaluation
+                    strip = trainer.eval_images.permute(2, 0, 3, 1).flatten(1, 2)  # (H, B·W, 3)
+                    tracker.log_image(run_id, (strip.clamp(0, 1) * 255).round().byte().numpy(), "ema_samples",
+                                      step)
             for cb in callbacks:  # the caller's: progress, Dagster Pipes log lines
                 cb.on_step(step, m)
 
     t0 = time.perf_counter()
     try:
-        result = trainer.fit(run.path, callbacks=[log, Report()])
+        with tracker.system_metrics(run_id) if tracker is not None else nullcontext():
+            result = trainer.fit(run.path, callbacks=[log, Report()])
         summary = _write_variant(params, method, trainer, log.rows, {
             "method": method, "run_id": run_id, "steps": cfg.steps, "skipped": result["skipped"],
             "seconds": time.perf_counter() - t0, "final": result["last"] or (log.rows[-1] if log.rows else {}),

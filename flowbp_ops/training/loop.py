@@ -93,6 +93,7 @@ class Trainer:
             self.sigmas = torch.from_numpy(self.sigmas).to(torch.bfloat16).double().numpy()
         self.eval_prompts = (eval_prompts or [])[: cfg.ema_eval_prompts]
         self.judge = judge  # a held-out judge (``judge.metrics(images, prompts)``) for the EMA evaluations
+        self.eval_images: torch.Tensor | None = None  # the last EMA evaluation's first samples (for tracking)
         self.device = getattr(backbone, "device", torch.device("cpu"))
         # reward models live where the images are decoded
         reward_kwargs = {"device": self.device, **(reward_kwargs or {})}
@@ -166,6 +167,7 @@ class Trainer:
         self.ema.swap(self.params)
         try:
             images = generate(self.backbone, self.eval_prompts, self.cfg.rollout_steps, self.cfg.guidance, seed=42)
+            self.eval_images = images[:8].detach().float().cpu()
             out = {"ema_eval/reward": float(self.reward(images, self.eval_prompts).mean())}
             out.update({f"ema_eval/{n}": float(h(images, self.eval_prompts).mean()) for n, h in self.heldout.items()})
             if self.judge is not None:
