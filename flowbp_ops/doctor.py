@@ -112,9 +112,9 @@ def gpu_pool() -> Check:
 
 def dvc() -> Check:
     root = Path(__file__).resolve().parents[1]
-    found = (root / ".venv-dvc" / "bin" / "dvc").exists() or shutil.which("dvc")
+    found = (root / ".dvc-tool" / "bin" / "dvc").exists() or shutil.which("dvc")
     if not found:
-        return Check("dvc", "FAIL", "DVC is not installed", "bash scripts/install.sh (it creates .venv-dvc)")
+        return Check("dvc", "FAIL", "DVC is not installed", "bash scripts/install.sh (it installs DVC into .dvc-tool)")
     return Check("dvc", "PASS", "scripts/dvc runs DVC from its own environment")
 
 

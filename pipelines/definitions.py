@@ -16,7 +16,7 @@ import dagster as dg
 from flowbp_ops.methods import METHODS
 from flowbp_ops.stages.graph import JOBS, STAGES, Stage, sections
 from pipelines.config import apply, stage_config
-from pipelines.resources import ComputeResource, LauncherResource, MlflowResource, StorageResource
+from pipelines.resources import ComputeResource, DvcResource, LauncherResource, MlflowResource, StorageResource
 
 METHOD_PARTITIONS = dg.StaticPartitionsDefinition(list(METHODS))
 # training resumes from its checkpoints, so retrying it loses nothing
@@ -59,7 +59,7 @@ def _extra_metadata(stage: Stage, params, method: str | None, mlflow: MlflowReso
     return extra
 
 
-def _in_process(stage: Stage, context, params, mlflow: MlflowResource, storage: StorageResource):
+def _in_process(stage: Stage, context, params, mlflow: MlflowResource, storage: StorageResource, dvc: DvcResource):
     from flowbp_ops.stages.runner import run_stage
 
     method = context.partition_key if stage.per_method else None
@@ -69,13 +69,14 @@ def _in_process(stage: Stage, context, params, mlflow: MlflowResource, storage: 
     if stage.name == "method_comparison":
         meta = {"variants": list(meta["variants"]), "table": meta["table"], "run_id": meta.get("run_id")}
     meta = {**_metadata(meta), **_extra_metadata(stage, params, method, mlflow, meta)}
+    meta["dvc"] = dg.MetadataValue.json(dvc.record(stage, method, params, local=storage.store() is None))
     results = [dg.AssetCheckResult(check_name=c["name"], passed=c["passed"], metadata=_metadata(c["metadata"]))
                for c in checks]
     return dg.MaterializeResult(metadata=meta, check_results=results or None)
 
 
 def _external(stage: Stage, context, params, launcher: LauncherResource, storage: StorageResource,
-              compute: ComputeResource, mlflow: MlflowResource):
+              compute: ComputeResource, mlflow: MlflowResource, dvc: DvcResource):
     """``flowbp stage NAME`` as its own process through Pipes; the settings travel as Pipes extras."""
     method = context.partition_key if stage.per_method else None
     device, precision = compute.resolve(params, local=launcher.mode == "subprocess")
@@ -91,8 +92,12 @@ def _external(stage: Stage, context, params, launcher: LauncherResource, storage
     for r in results:
         if isinstance(r, dg.MaterializeResult):
             raw = {k: getattr(v, "value", v) for k, v in (r.metadata or {}).items()}
+            # the outputs are written whatever the gates say (they decide promotion, not validity): record them
+            record = dvc.record(stage, method, params, local=storage.store() is None and launcher.mode == "subprocess")
             r = dg.MaterializeResult(metadata={**(r.metadata or {}), **_extra_metadata(stage, params, method, mlflow,
-                                                                                         raw)})
+                                                                                         raw),
+                                               "dvc": dg.MetadataValue.json(record)},
+                                     check_results=r.check_results)
         yield r
 
 
@@ -109,19 +114,19 @@ def make_asset(stage: Stage) -> dg.AssetsDefinition:
               retry_policy=TRAIN_RETRY if stage.name == "trained_variant" else None,
               kinds={"pytorch"} if stage.gpu else {"python"})
     def _asset(context: dg.AssetExecutionContext, config: config_cls, mlflow: MlflowResource,
-               storage: StorageResource, compute: ComputeResource, launcher: LauncherResource):
+               storage: StorageResource, compute: ComputeResource, launcher: LauncherResource, dvc: DvcResource):
         params = apply(config)
         if stage.gpu:
-            yield from _external(stage, context, params, launcher, storage, compute, mlflow)
+            yield from _external(stage, context, params, launcher, storage, compute, mlflow, dvc)
         else:
-            yield _in_process(stage, context, params, mlflow, storage)
+            yield _in_process(stage, context, params, mlflow, storage, dvc)
 
     return _asset
 
 
 ASSETS = [make_asset(s) for s in STAGES]
 RESOURCES = {"mlflow": MlflowResource(), "storage": StorageResource(), "compute": ComputeResource(),
-             "launcher": LauncherResource()}
+             "launcher": LauncherResource(), "dvc": DvcResource()}
 JOB_DESCRIPTIONS = {"prepare": "prompt sets, reward models, base model, cached rollouts",
                     "variant": "train and evaluate one method", "compare_and_promote": "compare the methods, promote"}
 

@@ -39,6 +39,23 @@ class MlflowResource(dg.ConfigurableResource):
         return url + (f"/artifacts/{artifact}" if artifact else "")
 
 
+class DvcResource(dg.ConfigurableResource):
+    """After each materialization, record it in the DVC checkout's ``dvc.lock`` (``dvc commit``) when the stage ran
+    with that checkout's ``params.yaml`` and its outputs are here, so the next ``dvc repro`` does nothing."""
+
+    repo: str = "."
+    commit: bool = True
+
+    def record(self, stage, method: str | None, params, local: bool) -> dict:
+        if not self.commit:
+            return {"skipped": "dvc.commit is off"}
+        if not local:
+            return {"skipped": "the outputs went to the shared store or a pod, not this checkout"}
+        from flowbp_ops.dvc_lock import commit
+
+        return commit(stage, method, params, self.repo)
+
+
 class StorageResource(dg.ConfigurableResource):
     """The shared store (``s3://bucket/prefix``): each stage pulls its inputs from it and pushes its outputs, so any
     stage runs on any machine (``flowbp_ops/store.py``). Unset: ``$FLOWBP_STORE``, else local files only. The S3

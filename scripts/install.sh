@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (flowbp, dagster, mlflow, tests) and .venv-dvc (dvc, kept apart: it pins an antlr
-# runtime dagster cannot use). Idempotent; about 1.5 minutes cold with uv.
+# Create .venv (flowbp, dagster, mlflow, tests) and install DVC as a tool kept apart (`uv tool`, as DVC's docs
+# recommend pipx: it pins an antlr runtime dagster cannot use) into .dvc-tool. Idempotent; about 1.5 minutes
+# cold with uv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,8 +17,9 @@ uv pip install --quiet --python .venv/bin/python --compile-bytecode "${extra[@]}
 # torchvision for torch 2.13 is a CUDA build that fails to import beside the CPU torch (and would
 # break transformers' image processors); the test gives open_clip a stand-in while it imports.
 uv pip install --quiet --python .venv/bin/python --no-deps "open-clip-torch==3.3.0" "ftfy==6.3.1" "wcwidth==0.9.4"
-[ -x .venv-dvc/bin/python ] || uv venv --quiet --python "$PY" .venv-dvc
-uv pip install --quiet --python .venv-dvc/bin/python --compile-bytecode "dvc==3.67.1" "dvc-s3==3.3.0"
+# the tool's environment and its `dvc` entry point inside the checkout (scripts/dvc runs it)
+[ -x .dvc-tool/bin/dvc ] || UV_TOOL_DIR="$PWD/.dvc-tool" UV_TOOL_BIN_DIR="$PWD/.dvc-tool/bin" \
+  uv tool install --quiet --python "$PY" --compile-bytecode --with "dvc-s3==3.3.0" "dvc==3.67.1"
 # the instance the Dagster UI and the main job share; telemetry off
 mkdir -p .dagster
 [ -f .dagster/dagster.yaml ] || cat > .dagster/dagster.yaml <<'YAML'

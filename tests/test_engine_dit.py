@@ -8,7 +8,8 @@ from conftest import CountingField, sd35_sigmas
 
 from flowbp_ops.backbones.sd3 import SD3Velocity, random_conditioning
 from flowbp_ops.methods import METHODS, get_method
-from flowbp_ops.surrogate import CFGCond, Denoiser, build_plan, rollout, surrogate_step
+from flowbp_ops.surrogate import CFGCond, Denoiser, build_plan, surrogate_step
+from flowbp_ops.surrogate.rollout import rollout
 
 B = 2
 ENDPOINT_METHODS = [m for m in METHODS if get_method(m, "tiny").reward_input.kind == "endpoint"]

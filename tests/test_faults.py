@@ -919,7 +919,7 @@ def clone(tmp_path_factory):
         if (ROOT / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
-    for venv in (".venv", ".venv-dvc"):  # installed by `bash scripts/install.sh` in a real clone
+    for venv in (".venv", ".dvc-tool"):  # installed by `bash scripts/install.sh` in a real clone
         (dest / venv).symlink_to(ROOT / venv)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     for key, value in PARAMS.items():

@@ -150,7 +150,10 @@ def test_two_machines_share_only_the_store_and_mlflow(s3_bucket, mlflow_server, 
     client = MlflowClient(url)
     runs = client.search_runs([client.get_experiment_by_name(tracking["experiment"]).experiment_id],
                               "tags.method = 'refl'", order_by=["attributes.start_time ASC"])
-    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]  # A marked B's dead run
+    training = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in training] == ["KILLED", "FINISHED"]  # A marked B's dead run
+    evaluations = [r for r in runs if "mlflow.parentRunId" in r.data.tags]  # B's evaluation, under A's run
+    assert [r.data.tags["mlflow.parentRunId"] for r in evaluations] == [training[-1].info.run_id]
     # the same chain on one machine, no store: the same table
     one = _workspace(tmp_path / "one", {"tracking_uri": f"sqlite:///{tmp_path}/one.db",
                                         "artifact_location": str(tmp_path / "one-art")})

@@ -65,7 +65,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluation", "Held-out rewards, the held-out judge, diversity and sample grid vs the base model",
           deps=("trained_variant", "reward_models", "cached_rollouts"),
           params=("eval", "promote", "rollouts", "train.reward"),
-          outs=("data/eval/${item}/samples.png",), metrics=("data/eval/${item}/metrics.json",),
+          metrics=("data/eval/${item}/metrics.json",),
+          # the sample grid as a DVC image plot: `dvc plots diff` sets it beside another experiment's
+          plots={"data/eval/${item}/samples.png": {}},
           per_method=True, gpu=True, tracked=True, checks=GATES, job="variant"),
     Stage("method_comparison", "The method table and plots over every evaluated variant",
           deps=("evaluation", "trained_variant"), params=("methods",), outs=("data/comparison",), tracked=True,

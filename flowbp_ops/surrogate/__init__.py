@@ -1,7 +1,8 @@
 """The surrogate-trajectory engine: pure torch, backbone-agnostic (spec section 2).
 
 The names below are imported on first use, so that reading a method's settings (``surrogate.config``) does not
-import torch: the Dagster definitions and settings validation stay light.
+import torch: the Dagster definitions and settings validation stay light. The ``rollout`` function is imported
+from ``surrogate.rollout`` itself: a lazy package attribute of that name would be shadowed by the submodule.
 """
 
 import importlib
@@ -11,7 +12,7 @@ _WHERE = {
     "ConfigError": "config", "MethodConfig": "config",
     "bridge": "ops", "connector": "ops", "scale_grad": "ops", "sg": "ops",
     "Plan": "plan", "Segment": "plan", "Term": "plan", "build_plan": "plan",
-    "CFGCond": "rollout", "Denoiser": "rollout", "RolloutCache": "rollout", "rollout": "rollout",
+    "CFGCond": "rollout", "Denoiser": "rollout", "RolloutCache": "rollout",
     "flow_sigmas": "sigmas",
 }
 __all__ = sorted(_WHERE)

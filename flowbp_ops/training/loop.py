@@ -243,9 +243,12 @@ class Trainer:
         images, prompts = self.pretrain.batch(self.cfg.seed, self.step, qs)
         x = encode_images(self.backbone.vae, images.to(self.device))
         cond = self.backbone.encode_prompts(prompts)
-        g = torch.Generator().manual_seed(batches.sample_seeds(self.cfg.seed, self.step, qs[:1])[0] ^ 0xF10)
-        eps = torch.randn(x.shape, generator=g).to(self.device)
-        sigma = torch.sigmoid(torch.randn(len(qs), generator=g)).to(self.device)
+        eps, sigma = [], []
+        for seed in batches.sample_seeds(self.cfg.seed, self.step, qs):  # one generator per slot: any sharding
+            g = torch.Generator().manual_seed(seed ^ 0xF10)
+            eps.append(torch.randn(x.shape[1:], generator=g))
+            sigma.append(torch.sigmoid(torch.randn((), generator=g)))
+        eps, sigma = torch.stack(eps).to(self.device), torch.stack(sigma).to(self.device)
         return flow_matching_loss(self.backbone.transformer, x, cond["tokens"], cond["pooled"], eps, sigma)
 
     def fit(self, run_dir: str | Path, callbacks: Iterable[Callback] = (), stop_after: int | None = None
