@@ -233,3 +233,19 @@ def test_pretraining_loss_is_the_base_models_flow_matching_loss_on_its_renders(w
     with pytest.raises(ValueError, match="pretrain_weight"):
         TrainConfig(backbone="sd35", pretrain_weight=1.0)
     assert TrainConfig(backbone="sd35").pretraining() == 0 and TrainConfig().pretraining() == 1.0
+
+
+def test_heldout_rewards_are_scored_every_k_steps(world, prompts, tmp_path):
+    rows = []
+
+    class Collect:
+        def on_step(self, step, m):
+            rows.append((step, sorted(k for k in m if k.startswith("heldout/"))))
+
+    cfg = small("refl", steps=7, heldout_every=3, heldout_rewards=["align_heldout", "quality"])
+    train(cfg, backbone(world), prompts, tmp_path, callbacks=[Collect()],
+          reward_kwargs={"world_dir": world})
+    scored = [step for step, keys in rows if keys]
+    assert scored == [0, 2, 5, 6]  # step 1, after steps 3 and 6, the last
+    assert all(keys == ["heldout/align_heldout", "heldout/quality"]
+               for step, keys in rows if step in scored)

@@ -52,6 +52,8 @@ class TrainConfig(BaseModel):
         "fp32_state", description="fp32_state: float32 latents, sigmas, VAE decode and reward; authors: bf16 "
         "latents, noise and timesteps in the rollout, bf16 VAE decode, the reward under fp16 autocast, x̂ cast "
         "to bf16 before the connector (spec §6.10)")
+    heldout_every: int = Field(10, ge=1, description="score the training samples with the held-out rewards at "
+                               "step 1, every this many steps and at the last (each is a reward model's forward)")
     ema_eval_every: int | None = Field(50, ge=1, description="evaluate the EMA weights at step 1 and every this "
                                        "many steps on a fixed held-out subset (None: never)")
     ema_eval_prompts: int = Field(16, ge=1, description="held-out prompts of that evaluation")

@@ -227,13 +227,18 @@ class Trainer:
                 fm = self._pretraining_loss(qs)
             (cfg.pretraining() * fm / layout.accumulation).backward()
             pretrain = {"diag:pretrain_loss": float(fm)}
+        heldout = self.heldout if self._heldout_due() else {}
         with torch.no_grad():
             sums = {"reward": float(r.sum()), **{f"heldout/{n}": float(h(images.detach(), scored).sum())
-                                                  for n, h in self.heldout.items()}}
+                                                  for n, h in heldout.items()}}
         diag = out.diagnostics()
         self.plan_info = {k: v for k, v in diag.items() if not isinstance(v, (int, float))}  # the plan: same on all
         numeric = {f"diag:{k}": float(v) for k, v in diag.items() if isinstance(v, (int, float))}
         return loss.detach(), {**sums, **numeric, **pretrain}, len(scored)
+
+    def _heldout_due(self) -> bool:
+        done = self.step + 1  # steps done once this one is
+        return self.step == 0 or done % self.cfg.heldout_every == 0 or done == self.cfg.steps
 
     def _pretraining_loss(self, qs: list[int]) -> torch.Tensor:
         """The base model's flow-matching loss on fresh renders of its training scenes (ReFL's pre-training loss);
