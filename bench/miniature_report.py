@@ -1,7 +1,7 @@
 """Tables, paired tests and plots of the paper in miniature (``bench/miniature.py`` writes the runs).
 
 * **equal steps**: the final EMA weights on the 600 held-out prompts (mean ± population std over seeds);
-* **equal wall-clock**: the EMA curves on the 96-prompt subset, every method's read (interpolated) at the
+* **equal wall-clock**: the EMA curves on the held-out subset, every method's read (interpolated) at the
   training time the fastest method's whole run took;
 * **paired tests**: two variants trained with the same seed saw the same batches and noise and are judged on the
   same held-out prompts with the same noise, so their difference is taken per (seed, prompt) and resampled over
@@ -88,8 +88,8 @@ def report(out: Path, order: list[str]) -> dict:
     totals = {v: statistics.fmean(sum(c["time_step"] for c in r["curve"]) for r in by[v]) for v in trained}
     if totals:
         budget = min(totals.values())
-        lines = [f"| variant | judge at {budget:.0f} s of training (96-prompt subset) | judge at the last step "
-                 "(same subset) | steps done in that time |", "|---|---|---|---|"]
+        lines = [f"| variant | judge at {budget:.0f} s of training ({_subset(rows)}-prompt subset) | judge at the "
+                 "last step (same subset) | steps done in that time |", "|---|---|---|---|"]
         for v in trained:
             at = [at_time(r["curve"], budget) for r in by[v]]
             last = [next(c[CURVE] for c in reversed(r["curve"]) if CURVE in c) for r in by[v]]
@@ -132,6 +132,10 @@ def report(out: Path, order: list[str]) -> dict:
     return {"summary": summary, "paired": tests}
 
 
+def _subset(rows: list[dict]) -> int:
+    return next(r["config"]["ema_eval_prompts"] for r in rows if "config" in r)
+
+
 def _upto(curve: list[dict], t: float):
     elapsed = 0.0
     for c in curve:
@@ -168,7 +172,8 @@ def _plot_curves(by: dict[str, list[dict]], path: Path) -> None:
         reward = [statistics.fmean(r["curve"][i]["reward"] for r in rs) for i in range(m)]
         smooth = [statistics.fmean(reward[max(0, i - 9): i + 1]) for i in range(m)]
         axes[2].plot(range(1, m + 1), smooth, **style)
-    axes[0].set(title="held-out judge (EMA, 96 prompts) vs step", xlabel="step")
+    axes[0].set(title=f"held-out judge (EMA, {_subset([r for rs in by.values() for r in rs])} prompts) vs step",
+                xlabel="step")
     axes[1].set(title="held-out judge vs training wall-clock", xlabel="seconds (1 thread)")
     axes[2].set(title="training reward (batch mean, 10-step average)", xlabel="step")
     axes[0].legend(fontsize=7)

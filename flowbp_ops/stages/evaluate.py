@@ -127,8 +127,9 @@ def _write(p, method: str, metrics: dict, judge, base_grid, grid, spread: list[s
     with atomic_path(p.evaluation(method)) as tmp:
         tmp.mkdir()
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_grid(base_grid[:n], grid[:n], spread[:n], tmp / "samples.png", f"{method}: base (left) vs tuned (right)"
-                  + (", green frame: the held-out judge finds the prompt" if judge is not None else ""),
+        title = f"{method}: base model vs tuned, same noise"
+        save_grid(base_grid[:n], grid[:n], spread[:n], tmp / "samples.png",
+                  title + (" (green frame: the held-out judge finds the prompt)" if judge is not None else ""),
                   [_verdicts(judge, g[:n], spread[:n]) for g in (base_grid, grid)] if judge is not None else None)
 
 
@@ -173,29 +174,35 @@ def _verdicts(judge, grid, prompts: list[str]):
 
 
 def save_grid(base_grid, grid, prompts: list[str], path: Path, title: str, verdicts=None) -> None:
+    """Per prompt a row: the base model's samples, a gap, the tuned model's on the same noise; with ``verdicts``
+    each image framed green (the judge finds the prompt) or red, and the counts beside each block."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows, cols = grid.shape[0], grid.shape[1]
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 0.9, rows * 0.95 + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, 2 * cols + 1, figsize=((2 * cols + 0.4) * 0.9, rows * 0.95 + 0.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * cols + [0.4] + [1] * cols})
     for i in range(rows):
-        for j in range(2 * cols):
-            img = (base_grid if j < cols else grid)[i, j % cols].permute(1, 2, 0).clamp(0, 1).numpy()
-            ax = axes[i, j]
-            ax.imshow(img, interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-            if verdicts is not None:
-                ok = bool(verdicts[j >= cols][i, j % cols])
-                for side in ax.spines.values():
-                    side.set(color="tab:green" if ok else "tab:red", linewidth=2.5)
-            if j == 0:
-                ax.set_ylabel(prompts[i].removeprefix("a photo of ")[:34], fontsize=5, rotation=0, ha="right",
+        axes[i, cols].axis("off")  # the gap between the two models
+        for j in range(cols):
+            for block, images in ((0, base_grid), (1, grid)):
+                ax = axes[i, j + block * (cols + 1)]
+                ax.imshow(images[i, j].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                if verdicts is not None:
+                    ok = bool(verdicts[block][i, j])
+                    for side in ax.spines.values():
+                        side.set(color="tab:green" if ok else "tab:red", linewidth=2.5)
+                if i == 0 and j == 0:
+                    ax.set_title("base model" if block == 0 else "tuned", fontsize=7, loc="left")
+        axes[i, 0].set_ylabel(prompts[i].removeprefix("a photo of ")[:34], fontsize=5, rotation=0, ha="right",
                               va="center")
+    if verdicts is not None:
+        right = [int(v.sum()) for v in verdicts]
+        title += f"\njudge: base {right[0]}/{rows * cols} right, tuned {right[1]}/{rows * cols}"
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
