@@ -36,7 +36,8 @@ def commit(stage: Stage, method: str | None, params: Params, repo: str | Path = 
     if (repo / "dvc.yaml").read_text() != dvc_yaml(checkout):
         return {"skipped": "dvc.yaml is not the one generated for params.yaml (flowbp pipeline dvc-yaml)"}
     ran, kept = params.model_dump(mode="json"), checkout.model_dump(mode="json")
-    differ = [k for k in stage.params if _value(ran, k) != _value(kept, k)]
+    # where the outputs went (world_dir, data_dir) as well as what they were made with
+    differ = [k for k in (*stage.params, "world_dir", "data_dir") if _value(ran, k) != _value(kept, k)]
     if differ:
         return {"skipped": f"ran with settings other than params.yaml's ({', '.join(differ)}): dvc repro reruns it"}
     name = f"{stage.name}@{method}" if stage.per_method else stage.name

@@ -122,3 +122,23 @@ def test_after_a_dagster_run_dvc_repro_does_nothing(tmp_path_factory, monkeypatc
                          "promoted_model"}
     again = sh([str(DVC), "repro"], repo)
     assert ran(again) == set(), again
+
+
+def test_a_run_elsewhere_is_not_committed(tmp_path):
+    """Outputs written under another data_dir (or made with other settings) are not the checkout's: dvc.lock is
+    left alone and the reason is said."""
+    from flowbp_ops.dvc_lock import commit
+    from flowbp_ops.params import load_params
+    from flowbp_ops.stages.graph import BY_NAME
+
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(DVC, tmp_path / "scripts" / "dvc")
+    params = load_params(ROOT / "params.yaml")
+    moved = params.model_copy(update={"data_dir": str(tmp_path / "elsewhere")})
+    assert "data_dir" in commit(BY_NAME["cached_rollouts"], None, moved, tmp_path)["skipped"]
+    reseeded = params.model_copy(update={"world": params.world.model_copy(update={"seed": 7})})
+    assert "world.seed" in commit(BY_NAME["base_model"], None, reseeded, tmp_path)["skipped"]
+    assert not (tmp_path / "dvc.lock").exists()
