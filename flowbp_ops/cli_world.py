@@ -303,7 +303,8 @@ def add_commands(sub) -> None:
     for name, fn, hlp in [("sample", _cmd_sample, "generate images"), ("evaluate", _cmd_evaluate, "held-out metrics")]:
         p = sub.add_parser(name, help=hlp)
         p.add_argument("--world", default="data/world")
-        p.add_argument("--adapter", default=None, help="a LoRA adapter directory from flowbp train")
+        p.add_argument("--adapter", default=None,
+                       help="the adapter directory of flowbp train (a LoRA, or the transformer of a full fine-tune)")
         p.add_argument("--steps", type=positive_int, default=20)
         p.add_argument("--guidance", type=finite_float, default=4.0)
         p.add_argument("--seed", type=int, default=42)
