@@ -222,8 +222,12 @@ def test_pretraining_loss_is_the_base_models_flow_matching_loss_on_its_renders(w
     images, texts = WorldRenders(world).batch(cfg.seed, 0, [0, 1])
     cond = ref.encode_prompts(texts)
     x = encode_images(ref.vae, images)
-    g = torch.Generator().manual_seed(batches.sample_seeds(cfg.seed, 0, [0])[0] ^ 0xF10)
-    eps, sigma = torch.randn(x.shape, generator=g), torch.sigmoid(torch.randn(2, generator=g))
+    eps, sigma = [], []
+    for seed in batches.sample_seeds(cfg.seed, 0, [0, 1]):  # one generator per slot, so any sharding draws the same
+        g = torch.Generator().manual_seed(seed ^ 0xF10)
+        eps.append(torch.randn(x.shape[1:], generator=g))
+        sigma.append(torch.sigmoid(torch.randn((), generator=g)))
+    eps, sigma = torch.stack(eps), torch.stack(sigma)
     params = [p for p in ref.transformer.parameters() if p.requires_grad]
     want = torch.autograd.grad(2.0 * flow_matching_loss(ref.transformer, x, cond["tokens"], cond["pooled"], eps,
                                                         sigma), params)
