@@ -87,7 +87,7 @@ class RolloutParams(_Section):
     n_steps: int = Field(20, ge=1)
     guidance: float | None = Field(4.0, ge=0)
     grid: Literal["training", "scheduler"] = Field("training", description="the sigma grid of the evaluation "
-                                                   "(cached rollouts and variants): training's, or the pipeline "
+                                                   "(base rollouts and variants): training's, or the pipeline "
                                                    "scheduler's own (the authors' SD3.5 evaluation)")
     n_prompts: int = Field(600, ge=1, description="held-out prompts rolled out with the base model (the eval set)")
     seed: int = 42
@@ -95,7 +95,7 @@ class RolloutParams(_Section):
 
 
 class EvalParams(_Section):
-    """Evaluation runs on the cached rollouts' prompts, noise, steps and guidance (section ``rollouts``)."""
+    """Evaluation runs on the base rollouts' prompts, noise, steps and guidance (section ``rollouts``)."""
 
     rewards: list[RewardSpec] = Field(default_factory=lambda: ["align", "align_heldout", "quality", "quality_heldout"])
     grid_prompts: int = Field(8, ge=1, description="prompts in the sample grid")

@@ -1,4 +1,4 @@
-"""Cached rollouts on disk: the ``cached_rollouts`` stage, as sharded safetensors.
+"""Cached rollouts on disk: the ``base_rollouts`` stage, as sharded safetensors.
 
 Each shard holds, for up to ``shard_size`` prompts, one no-grad rollout of the base model:
 ``x`` (N+1, B, ...) and ``v`` (N, B, ...) in float32, the sigma grid (float64), each
@@ -82,7 +82,7 @@ def load_rollouts(path: str | Path,
     path = Path(path)
     index_file = path / "index.json"
     if not index_file.exists():
-        raise FileNotFoundError(f"{index_file} not found: generate the rollouts first (cached_rollouts stage)")
+        raise FileNotFoundError(f"{index_file} not found: generate the rollouts first (`flowbp stage base_rollouts`)")
     for shard in json.loads(index_file.read_text())["shards"]:
         f = path / shard["file"]
         if verify and sha256_of(f) != shard["sha256"]:

@@ -127,7 +127,7 @@ def make_asset(stage: Stage) -> dg.AssetsDefinition:
 ASSETS = [make_asset(s) for s in STAGES]
 RESOURCES = {"mlflow": MlflowResource(), "storage": StorageResource(), "compute": ComputeResource(),
              "launcher": LauncherResource(), "dvc": DvcResource()}
-JOB_DESCRIPTIONS = {"prepare": "prompt sets, reward models, base model, cached rollouts",
+JOB_DESCRIPTIONS = {"prepare": "prompt sets, reward models, base model, prompt embeddings, base rollouts",
                     "variant": "train and evaluate one method", "compare_and_promote": "compare the methods, promote"}
 
 defs = dg.Definitions(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install (if needed) and run the main job on the default world, through Dagster:
-# prompt sets -> reward models -> base model -> cached rollouts -> for each method in
+# prompt sets -> reward models -> base model -> prompt embeddings -> base rollouts -> for each method in
 # params.yaml: train + evaluate (an MLflow run and a registered model version each) ->
 # method comparison -> promotion of the best gated variant to the `champion` alias.
 set -euo pipefail

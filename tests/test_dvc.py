@@ -49,12 +49,12 @@ def repo(tmp_path_factory):
 
 def test_repro_runs_the_chain_then_nothing(repo):
     first = sh([str(DVC), "repro"], repo)
-    assert ran(first) == {"prompt_sets", "reward_models", "base_model", "cached_rollouts",
+    assert ran(first) == {"prompt_sets", "reward_models", "base_model", "prompt_embeddings", "base_rollouts",
                           "trained_variant@flowbp_sparse", "evaluation@flowbp_sparse", "method_comparison",
                           "promoted_model"}
     assert (repo / "data" / "variants" / "flowbp_sparse" / "adapter" / "pytorch_lora_weights.safetensors").exists()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert "trained_variant@flowbp_sparse" in lock and lock["cached_rollouts"]["outs"][0]["path"] == "data/rollouts"
+    assert "trained_variant@flowbp_sparse" in lock and lock["base_rollouts"]["outs"][0]["path"] == "data/rollouts"
     summary = json.loads((repo / "data" / "variants" / "flowbp_sparse" / "summary.json").read_text())
     assert summary["run_id"] and summary["model_version"]
     second = sh([str(DVC), "repro"], repo)
@@ -117,7 +117,7 @@ def test_after_a_dagster_run_dvc_repro_does_nothing(tmp_path_factory, monkeypatc
     result = run_chain(repo / "params.yaml")
     assert result["success"], result
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"prompt_sets", "reward_models", "base_model", "cached_rollouts",
+    assert set(lock) == {"prompt_sets", "reward_models", "base_model", "prompt_embeddings", "base_rollouts",
                          "trained_variant@flowbp_sparse", "evaluation@flowbp_sparse", "method_comparison",
                          "promoted_model"}
     again = sh([str(DVC), "repro"], repo)
@@ -138,7 +138,7 @@ def test_a_run_elsewhere_is_not_committed(tmp_path):
     shutil.copy(DVC, tmp_path / "scripts" / "dvc")
     params = load_params(ROOT / "params.yaml")
     moved = params.model_copy(update={"data_dir": str(tmp_path / "elsewhere")})
-    assert "data_dir" in commit(BY_NAME["cached_rollouts"], None, moved, tmp_path)["skipped"]
+    assert "data_dir" in commit(BY_NAME["base_rollouts"], None, moved, tmp_path)["skipped"]
     reseeded = params.model_copy(update={"world": params.world.model_copy(update={"seed": 7})})
     assert "world.seed" in commit(BY_NAME["base_model"], None, reseeded, tmp_path)["skipped"]
     assert not (tmp_path / "dvc.lock").exists()

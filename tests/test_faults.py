@@ -97,7 +97,7 @@ def prepared(tmp_path_factory):
     old = Path.cwd()
     os.chdir(root)
     try:
-        for stage in ("prompt_sets", "reward_models", "base_model", "cached_rollouts"):
+        for stage in ("prompt_sets", "reward_models", "base_model", "prompt_embeddings", "base_rollouts"):
             assert cli("stage", stage)[0] == 0, stage
         for stage in ("trained_variant", "evaluation"):
             code, err = cli("stage", stage, "--method", "refl")
@@ -135,7 +135,7 @@ SETTINGS = [
      "refused before any stage runs (no default build starts)"),
     ("lr_infinite", 4, ["stage", "trained_variant", "--method", "refl", "--set", "train.lr=Infinity"],
      r"train\.lr: .*finite", "refused at load"),
-    ("guidance_nan", 4, ["stage", "cached_rollouts", "--set", "rollouts.guidance=NaN"], r"rollouts\.guidance.*finite",
+    ("guidance_nan", 4, ["stage", "base_rollouts", "--set", "rollouts.guidance=NaN"], r"rollouts\.guidance.*finite",
      "refused at load"),
     ("device_unknown", 4, ["stage", "evaluation", "--method", "refl", "--set", "device=gpu0"],
      r"unknown device 'gpu0'", "refused at load, listing the devices"),
@@ -506,7 +506,7 @@ def test_flipped_reward_net_is_refused(ws):
 def test_flipped_base_model_is_refused(ws):
     weights = next((ws / "data" / "world" / "transformer").glob("*.safetensors"))
     _damage(weights, "flip")
-    code, err = cli("stage", "cached_rollouts")
+    code, err = cli("stage", "base_rollouts")
     refused(code, err, r"default world's transformer .*changed")
 
 
@@ -515,6 +515,13 @@ def test_flipped_rollout_shard_is_refused(ws):
     _damage(next((ws / "data" / "rollouts").glob("shard-*.safetensors")), "flip")
     code, err = cli("stage", "evaluation", "--method", "refl")
     refused(code, err, r"shard is corrupt")
+
+
+@fault(5, "a flipped byte in a prompt embedding", "refused by the embeddings' manifest, naming the stage to rerun")
+def test_flipped_prompt_embedding_is_refused(ws):
+    _damage(next((ws / "data" / "embeddings").glob("*.safetensors")), "flip")
+    code, err = cli("stage", "trained_variant", "--method", "refl")
+    refused(code, err, r"prompt embeddings .*changed: .*flowbp stage prompt_embeddings")
 
 
 # ---------------------------------------------------------------------------------------------------

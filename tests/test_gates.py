@@ -50,7 +50,8 @@ def test_an_over_trained_variant_is_refused(small_world, tmp_path):
         "eval": {"diversity_prompts": 12},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db", "artifact_location": str(tmp_path / "art")}})
     tracker = Tracker(params.tracking)
-    run_stage("cached_rollouts", params)
+    run_stage("prompt_embeddings", params)
+    run_stage("base_rollouts", params)
     run_stage("trained_variant", params, "flowbp_bridge", tracker=tracker)
     meta, checks = run_stage("evaluation", params, "flowbp_bridge", tracker=tracker)
     failed = {c["name"] for c in checks if not c["passed"]}

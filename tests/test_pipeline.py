@@ -107,13 +107,18 @@ def test_one_graph_for_dagster_and_dvc():
     assert set(dvc) == {s.name for s in STAGES}
     assert dvc["trained_variant"]["foreach"] == "${methods}"
     assert "data/variants/${item}/adapter" in dvc["evaluation"]["do"]["deps"]
+    # training reads the prompt embeddings, never the base rollouts: an evaluation setting retrains nothing
+    train_deps, eval_deps = dvc["trained_variant"]["do"]["deps"], dvc["evaluation"]["do"]["deps"]
+    assert "data/embeddings" in train_deps and "data/rollouts" not in train_deps
+    assert {"data/embeddings", "data/rollouts"} <= set(eval_deps)
+    assert "rollouts" not in dvc["trained_variant"]["do"]["params"]
     # a preset's params: outputs under its world_dir, and a real base model is a pin, not built weights
     from flowbp_ops.presets import get_preset
 
     real = yaml.safe_load(dvc_yaml(get_preset("sd35/flowbp_lagrange")))["stages"]
     assert real["base_model"]["outs"] == ["data/sd35/backbone.json"]
     assert real["prompt_sets"]["outs"] == ["data/sd35/prompts"]
-    assert "data/sd35/backbone.json" in real["cached_rollouts"]["deps"]
+    assert "data/sd35/backbone.json" in real["base_rollouts"]["deps"]
 
 
 def test_dagster_config_is_the_library_schema():
@@ -191,7 +196,9 @@ def test_chain_materializes_every_stage_and_tracks_in_mlflow(chain):
     assert {"flowbp_sparse", "refl", "flowbp_sparse/evaluation", "method_comparison"} <= set(runs)
     run, evaluation = runs["flowbp_sparse"], runs["flowbp_sparse/evaluation"]
     assert run.data.tags["dagster.partition"] == "flowbp_sparse" and run.data.tags["dagster.run_id"]
-    assert run.data.tags["rollouts.sha256"] != "none" and len(run.data.tags["mlflow.source.git.commit"]) >= 7
+    # what each run read: training the prompt embeddings, its evaluation the base model's rollouts
+    assert run.data.tags["embeddings.sha256"] != "none" and len(run.data.tags["mlflow.source.git.commit"]) >= 7
+    assert "rollouts.sha256" not in run.data.tags and evaluation.data.tags["rollouts.sha256"] != "none"
     assert run.data.params["train.lr"] == str(params.train.lr) and run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "reward")) == params.train.steps
     assert any(k.startswith("system/") for k in run.data.metrics)  # MLflow's system metrics of the training

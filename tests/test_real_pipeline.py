@@ -82,7 +82,8 @@ def test_pipeline_stages_on_a_real_backbone_register_a_loadable_model(sources, t
         sets += [f"eval.judge_url={stub.base_url}"]
         stub.reply = lambda text: "Alignment Score: 4.5\nQuality Score: 2"
     params = params_from(get_preset("sd35/refl").model_dump(mode="json"), sets)
-    for stage in (stages.prompt_sets, stages.reward_models, stages.base_model, stages.cached_rollouts):
+    for stage in (stages.prompt_sets, stages.reward_models, stages.base_model, stages.prompt_embeddings,
+                  stages.base_rollouts):
         stage(params)
     tracker = Tracker(params.tracking)
     summary = stages.trained_variant(params, "refl", tracker, {})
@@ -108,3 +109,31 @@ def test_pipeline_stages_on_a_real_backbone_register_a_loadable_model(sources, t
         assert images.shape == (1, 32, 32, 3) and images.dtype.name == "uint8"
     with pytest.raises(ConfigError, match="train.backbone"):
         params_from(params.model_dump(mode="json"), ["train.backbone=default"])
+
+
+def test_prompt_embeddings_stage_keeps_text_encoders_off_training(sources, tmp_path):
+    """Every prompt is encoded once by the prompt_embeddings stage; the stages after it load the pipeline
+    without its text encoders and read exactly those embeddings; a prompt that is not there is refused,
+    naming the stage to rerun, never encoded silently."""
+    from flowbp_ops import stages
+    from flowbp_ops.backbones.pipeline import text_encoder_components
+    from flowbp_ops.params import params_from
+    from flowbp_ops.presets import get_preset
+
+    params = params_from(get_preset("sd35/refl").model_dump(mode="json"), overrides(sources, tmp_path))
+    stages.prompt_sets(params), stages.base_model(params)
+    with pytest.raises(ConfigError, match="flowbp stage prompt_embeddings"):
+        stages.backbone_of(params, from_embeddings=True)  # not written yet
+    meta = stages.prompt_embeddings(params)
+    prompts = stages.prompts_read(params)
+    assert meta["prompts"] == len(prompts) == 4 + 2 + 1 and "" in prompts  # train, held-out, the CFG negative
+    full = stages.backbone_of(params)
+    light = stages.backbone_of(params, from_embeddings=True)
+    names = text_encoder_components(type(full.pipe))
+    assert names == ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    assert all(getattr(light.pipe, n) is None for n in names) and all(getattr(full.pipe, n) is not None for n in names)
+    got, want = light.encode_prompts(["a red cat", ""]), full._encode(["a red cat", ""])
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k].cpu()) for k in got)
+    with pytest.raises(ConfigError, match="not among the embeddings.*flowbp stage prompt_embeddings"):
+        light.encode_prompts(["a prompt no stage encoded"])
+    assert light.cache.misses == 0

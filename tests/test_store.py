@@ -59,7 +59,7 @@ def test_push_and_pull_by_key(store, tmp_path):
 def test_missing_inputs_corrupt_objects_and_unreachable_stores_are_refused(store, s3_bucket, tmp_path, monkeypatch):
     s3, bucket = s3_bucket
     with pytest.raises(StoreError, match=r"stage evaluation\[refl\] .* needs 'data/rollouts'.*not in the store"):
-        store.pull("data/rollouts", tmp_path / "r", needed_by="evaluation[refl] (from cached_rollouts)")
+        store.pull("data/rollouts", tmp_path / "r", needed_by="evaluation[refl] (from base_rollouts)")
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(b"good")
@@ -122,7 +122,7 @@ def test_two_machines_share_only_the_store_and_mlflow(s3_bucket, mlflow_server, 
     tracking = {"tracking_uri": url, "artifact_location": "mlflow-artifacts:/two-machines",
                 "experiment": f"two-machines-{bucket}"}
     a, b = _workspace(tmp_path / "A", tracking), _workspace(tmp_path / "B", tracking)
-    for stage in ("prompt_sets", "reward_models", "base_model", "cached_rollouts"):
+    for stage in ("prompt_sets", "reward_models", "base_model", "prompt_embeddings", "base_rollouts"):
         _flowbp(a, "stage", stage, env=store_env)
     assert not (b / "data").exists()
     # B trains (pulling prompts, rewards and the base model), is killed after a checkpoint went to the store
@@ -157,7 +157,7 @@ def test_two_machines_share_only_the_store_and_mlflow(s3_bucket, mlflow_server, 
     # the same chain on one machine, no store: the same table
     one = _workspace(tmp_path / "one", {"tracking_uri": f"sqlite:///{tmp_path}/one.db",
                                         "artifact_location": str(tmp_path / "one-art")})
-    for stage in ("prompt_sets", "reward_models", "base_model", "cached_rollouts"):
+    for stage in ("prompt_sets", "reward_models", "base_model", "prompt_embeddings", "base_rollouts"):
         _flowbp(one, "stage", stage)
     for stage in ("trained_variant", "evaluation"):
         _flowbp(one, "stage", stage, "--method", "refl")

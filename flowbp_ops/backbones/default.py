@@ -2,7 +2,8 @@
 
 Loaded from a world directory written by :func:`flowbp_ops.world.build.build_world`
 (``vae/`` and ``transformer/`` in diffusers' ``save_pretrained`` layout). Real CFG with the
-empty prompt as negative, static shift 3 like SD3.5.
+empty prompt as negative, static shift 3 like SD3.5. Prompts are encoded once (in memory, or in the
+``embeddings`` folder); ``text_encoder=False`` reads them from the folder the ``prompt_embeddings`` stage wrote.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch import Tensor
 
+from flowbp_ops.backbones.embedding_cache import EmbeddingCache
 from flowbp_ops.backbones.schedules import get_schedule
 from flowbp_ops.backbones.sd3 import SD3_LORA_TARGETS, SD3Velocity
 from flowbp_ops.integrity import verify
 from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
 from flowbp_ops.world.base_model import decode_latents
-from flowbp_ops.world.text import MiniLMTextEncoder
+from flowbp_ops.world.text import MINILM, MiniLMTextEncoder
 
 
 class DefaultBackbone:
     name = "default"
     lora_target_modules = SD3_LORA_TARGETS
 
-    def __init__(self, world_dir: str | Path, device: str | torch.device = "cpu"):
+    def __init__(self, world_dir: str | Path, device: str | torch.device = "cpu", embeddings: str | Path | None = None,
+                 text_encoder: bool = True):
         world_dir = Path(world_dir)
         for sub in ("vae", "transformer"):
             if not (world_dir / sub / "config.json").exists():
@@ -38,18 +41,15 @@ class DefaultBackbone:
         self.vae.requires_grad_(False)
         self.transformer = SD3Transformer2DModel.from_pretrained(world_dir / "transformer", use_safetensors=True)
         self.transformer.to(device).eval()
-        self.text = MiniLMTextEncoder(device=device)
+        self.text = MiniLMTextEncoder(device=device) if text_encoder else None
         self.device, self.world_dir = torch.device(device), world_dir
         self._null: dict[str, Tensor] | None = None
-        self._cache: dict[str, dict[str, Tensor]] = {}
+        self.cache = EmbeddingCache(embeddings, key=f"default|{MINILM}", read_only=not text_encoder)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """Token states and pooled vectors, each prompt encoded once per backbone (the world's prompt sets repeat)."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if new:
-            enc = self.text.encode(new)
-            self._cache.update({p: {k: v[i] for k, v in enc.items()} for i, p in enumerate(new)})
-        return {k: torch.stack([self._cache[p][k] for p in prompts]).to(self.device) for k in ("tokens", "pooled")}
+        encode = self.text.encode if self.text is not None else None
+        return {k: v.to(self.device) for k, v in self.cache.get(prompts, encode).items()}
 
     def null(self, batch: int) -> dict[str, Tensor]:
         if self._null is None:

@@ -99,15 +99,20 @@ def resolve_base_model(source: str, revision: str | None, kind: str, world_dir: 
 
 
 def load_backbone(kind: str, world_dir: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
-                  resolution: int | None = None, max_sequence_length: int | None = None, disk_cache: bool = True):
+                  resolution: int | None = None, max_sequence_length: int | None = None, disk_cache: bool = True,
+                  embeddings: str | Path | None = None, text_encoders: bool = True):
     """The adapter of ``kind``: the default world's model, or the real pipeline the record pins (at the
-    record's settings unless given here). ``disk_cache=False``: prompt embeddings in memory only (a served
-    model whose folder may be read-only)."""
+    record's settings unless given here). Prompt embeddings are cached in ``embeddings`` (by default
+    ``<world_dir>/embeddings/<kind>`` for a real pipeline, memory for the default world; ``disk_cache=False``:
+    memory only, for a served model whose folder may be read-only). ``text_encoders=False``: the model is loaded
+    without them and every prompt must be in ``embeddings`` (what the ``prompt_embeddings`` stage wrote)."""
     world_dir = Path(world_dir)
+    if not text_encoders and embeddings is None:
+        raise ValueError("text_encoders=False reads every prompt from an embeddings folder: give embeddings=")
     if kind == "default":
         from flowbp_ops.backbones.default import DefaultBackbone
 
-        return DefaultBackbone(world_dir, device=device)
+        return DefaultBackbone(world_dir, device=device, embeddings=embeddings, text_encoder=text_encoders)
     if not (world_dir / RECORD).exists():
         raise ConfigError(f"no {world_dir / RECORD}: resolve the base model first (`flowbp stage base_model`)")
     record = json.loads((world_dir / RECORD).read_text())
@@ -125,6 +130,7 @@ def load_backbone(kind: str, world_dir: str | Path, device: str | torch.device =
         from flowbp_ops.storage import parse_hub_uri
 
         source, revision = parse_hub_uri(record["source"])[1], record["revision"]
-    cache_dir = world_dir / "embeddings" / kind if disk_cache else None
+    cache_dir = embeddings or (world_dir / "embeddings" / kind if disk_cache else None)
     return adapter_class(kind)(source, revision=revision, device=device, cache_dir=cache_dir,
-                               **settings)
+                               text_encoders=text_encoders,
+                               cache_key=f"{record['source']}@{record['revision']}", **settings)

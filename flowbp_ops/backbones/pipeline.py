@@ -6,10 +6,13 @@ the images) and every module but the transformer is frozen. Prompt embeddings ar
 prompt, keyed by backbone, source, revision, dtype and text length. Real CFG uses the empty
 prompt as negative; FLUX.1 (embedded guidance) overrides ``conditioning``. Images decode in
 float32 to [0, 1]; each adapter says how its latents become the VAE's (``_vae_latents``).
+``text_encoders=False`` loads the pipeline without them (``text_encoder*=None``: T5-XXL and Qwen3 are most of
+a pipeline's memory) and reads every prompt from the embeddings the ``prompt_embeddings`` stage wrote.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +35,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def text_encoder_components(pipeline_class) -> list[str]:
+    """The pipeline's text-encoder components (SD3.5: three, FLUX.1: two, FLUX.2: one), from its signature."""
+    return [n for n in inspect.signature(pipeline_class.__init__).parameters if n.startswith("text_encoder")]
+
+
 class PipelineBackbone:
     name: str
     pipeline_class: str  # the diffusers class, also the format the saved LoRA is written in
@@ -39,12 +47,13 @@ class PipelineBackbone:
 
     def __init__(self, source: str | Path, revision: str | None = None, dtype: str | torch.dtype = "bf16",
                  device: str | torch.device = "cpu", resolution: int = 512, cache_dir: str | Path | None = None,
-                 max_sequence_length: int | None = None):
+                 max_sequence_length: int | None = None, text_encoders: bool = True, cache_key: str | None = None):
         import diffusers
 
         self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
-        self.pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
-            str(source), revision=revision, dtype=self.dtype, use_safetensors=True)
+        cls = getattr(diffusers, self.pipeline_class)
+        skip = {} if text_encoders else dict.fromkeys(text_encoder_components(cls))
+        self.pipe = cls.from_pretrained(str(source), revision=revision, dtype=self.dtype, use_safetensors=True, **skip)
         self.check(source)
         self.pipe.to(self.device)
         self.pipe.vae.to(torch.float32)
@@ -54,8 +63,10 @@ class PipelineBackbone:
         self.transformer = self.pipe.transformer
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
-        self.cache = EmbeddingCache(cache_dir, key=f"{self.name}|{source}|{revision}|{self.dtype}|"
-                                                   f"{self.max_sequence_length}")
+        # the key names the pinned model (``cache_key``: the record's source@revision, the same wherever it is
+        # loaded from), so embeddings written on one machine are found on another
+        self.cache = EmbeddingCache(cache_dir, key=f"{self.name}|{cache_key or f'{source}|{revision}'}|{self.dtype}|"
+                                                   f"{self.max_sequence_length}", read_only=not text_encoders)
 
     def check(self, source: str | Path) -> None:
         """Refuse a loaded pipeline this adapter cannot train (before it is moved to the device)."""

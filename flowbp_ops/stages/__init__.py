@@ -12,13 +12,16 @@ from flowbp_ops.stages.paths import Paths, paths
 from flowbp_ops.stages.prepare import (
            backbone_of,
            base_model,
-           cached_rollouts,
+           base_rollouts,
            eval_prompts,
+           prompt_embeddings,
            prompt_sets,
+           prompts_read,
            reward_models,
 )
 from flowbp_ops.stages.train import finite_weights, trained_variant, verified_variant
 
-__all__ = ["Paths", "paths", "prompt_sets", "reward_models", "base_model", "cached_rollouts", "eval_prompts",
-           "backbone_of", "trained_variant", "verified_variant", "finite_weights", "evaluation", "gates",
+__all__ = ["Paths", "paths", "prompt_sets", "reward_models", "base_model", "prompt_embeddings", "prompts_read",
+           "base_rollouts", "eval_prompts", "backbone_of", "trained_variant", "verified_variant", "finite_weights",
+           "evaluation", "gates",
            "method_comparison", "promoted_model"]

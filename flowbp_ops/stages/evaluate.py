@@ -1,6 +1,6 @@
 """The evaluation stage: a variant's held-out metrics next to the base model's, and the promotion gates.
 
-The base model's images come from the cached rollouts (same prompts, same noise); the
+The base model's images come from its rollouts (``base_rollouts``: same prompts, same noise); the
 variant's are sampled from the same noise. One model is in memory at a time: the base
 model scores first, then the trained weights go onto it (a LoRA, or a swapped transformer),
 so a FLUX-size backbone is never loaded twice. Scoring runs in small batches without gradient.
@@ -16,7 +16,7 @@ from flowbp_ops.atomic import atomic_path
 from flowbp_ops.params import Params
 from flowbp_ops.stages.paths import paths
 from flowbp_ops.stages.prepare import backbone_of
-from flowbp_ops.stages.train import verified_variant
+from flowbp_ops.stages.train import input_tags, verified_variant
 
 
 def _diversity(backbone, prompts: list[str], n_seeds: int, steps: int, guidance, seed: int,
@@ -52,7 +52,7 @@ def _score(images, prompts, rewards: dict, judge, batch: int, device) -> dict[st
 
 
 def evaluation(params: Params, method: str, tracker=None) -> dict:
-    """Held-out metrics of a variant next to the base model's (from the cached rollouts), and the gates."""
+    """Held-out metrics of a variant next to the base model's (from its rollouts), and the gates."""
     import torch
 
     with torch.no_grad():
@@ -73,7 +73,7 @@ def _evaluation(params: Params, method: str, tracker) -> dict:
     names = dict.fromkeys([params.train.reward, *e.rewards])  # the training reward (maybe a composite) first
     rewards = {n: get_reward(n, world_dir=params.world_dir, device=params.device) for n in names}
     judge = judge_for(params.train.backbone, params.world_dir)
-    bb = backbone_of(params)  # the base model; the variant's weights go onto it below
+    bb = backbone_of(params, from_embeddings=True)  # the base model; the variant's weights go onto it below
     batch = 64 if params.train.backbone == "default" else 4  # real backbones: 512² images, fp32 VAE decode
 
     shards = list(load_rollouts(p.rollouts))
@@ -100,7 +100,8 @@ def _evaluation(params: Params, method: str, tracker) -> dict:
     # the evaluation's own MLflow run, nested under the training run it evaluates (which has ended)
     eval_run = None
     if tracker is not None and summary.get("run_id"):
-        eval_run = tracker.start_run(f"{method}/evaluation", {"flowbp.stage": "evaluation", "method": method},
+        eval_run = tracker.start_run(f"{method}/evaluation", {"flowbp.stage": "evaluation", "method": method,
+                                                              **input_tags(p.rollouts, "rollouts")},
                                      parent=summary["run_id"])
     metrics = {"method": method, "n_prompts": len(prompts), "base": base, "variant": tuned,
                "delta": {k: tuned[k] - base[k] for k in tuned}, "gates": gates(params, base, tuned),

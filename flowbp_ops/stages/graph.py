@@ -53,17 +53,22 @@ STAGES: tuple[Stage, ...] = (
               "seed", "threads", "n_images", "vae_steps", "vae_batch", "vae_lr", "flow_steps", "flow_batch", "flow_lr",
               "flow_ema", "cfg_dropout")),
           outs=(f"{W}/vae", f"{W}/transformer", f"{W}/base_model.json")),
-    Stage("cached_rollouts", "No-grad base-model rollouts of the held-out prompts with their caches (sharded)",
-          deps=("prompt_sets", "base_model"), params=("rollouts",), outs=("data/rollouts",), gpu=True),
-    # training reads the prompts, the rewards and the base model (not the evaluation rollouts)
+    # every prompt encoded once with the base model's text encoders: later stages load the model without them
+    Stage("prompt_embeddings", "Every training and held-out prompt encoded once by the base model's text encoders",
+          deps=("prompt_sets", "base_model"), params=("base_model", "train.backbone"), outs=("data/embeddings",),
+          gpu=True),
+    Stage("base_rollouts", "The base model's no-grad rollouts of the held-out prompts with their caches (sharded)",
+          deps=("prompt_sets", "base_model", "prompt_embeddings"), params=("rollouts",), outs=("data/rollouts",),
+          gpu=True),
+    # training reads the prompts, their embeddings, the rewards and the base model (not the evaluation rollouts)
     Stage("trained_variant", "One method trained (LoRA adapter, EMA weights), one MLflow run, a model version",
-          deps=("prompt_sets", "reward_models", "base_model"), params=("train",),
+          deps=("prompt_sets", "reward_models", "base_model", "prompt_embeddings"), params=("train",),
           outs=("data/variants/${item}/adapter", "data/runs/${item}"), persist=("data/runs/${item}",),
           metrics=("data/variants/${item}/summary.json",),
           plots={"data/variants/${item}/metrics.jsonl": {"x": "step", "y": "reward"}}, per_method=True, gpu=True,
           tracked=True, checks=(("finite_weights", "every trained weight is finite"),), job="variant"),
     Stage("evaluation", "Held-out rewards, the held-out judge, diversity and sample grid vs the base model",
-          deps=("trained_variant", "reward_models", "cached_rollouts"),
+          deps=("trained_variant", "reward_models", "base_rollouts", "prompt_embeddings"),
           params=("eval", "promote", "rollouts", "train.reward"),
           metrics=("data/eval/${item}/metrics.json",),
           # the sample grid as a DVC image plot: `dvc plots diff` sets it beside another experiment's

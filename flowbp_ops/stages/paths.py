@@ -23,6 +23,11 @@ class Paths:
         return self.world / "rewards"
 
     @property
+    def embeddings(self) -> Path:
+        """Every prompt encoded once by the base model's text encoders (the ``prompt_embeddings`` stage)."""
+        return self.data / "embeddings"
+
+    @property
     def rollouts(self) -> Path:
         return self.data / "rollouts"
 

@@ -1,4 +1,5 @@
-"""The preparing stages: prompt sets, reward models, the base model, the base model's cached rollouts."""
+"""The preparing stages: prompt sets, reward models, the base model, its prompt embeddings, its rollouts of the
+held-out prompts (what evaluation compares a variant with)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from flowbp_ops.atomic import atomic_path
-from flowbp_ops.integrity import seal
+from flowbp_ops.integrity import file_sha256, seal, verify
 from flowbp_ops.params import Params
 from flowbp_ops.stages.paths import paths
 from flowbp_ops.surrogate.config import ConfigError
@@ -86,14 +87,23 @@ def base_model(params: Params, progress: Callable | None = None) -> dict:
                               b.model_dump(include={"dtype", "resolution", "max_sequence_length"}))
 
 
-def backbone_of(params: Params, adapter: Path | None = None):
-    """The base model the settings pin (the default world's, or a real pipeline), with trained weights if given."""
+def backbone_of(params: Params, adapter: Path | None = None, *, from_embeddings: bool = False,
+                embeddings: Path | None = None):
+    """The base model the settings pin (the default world's, or a real pipeline), with trained weights if given.
+    ``from_embeddings``: without its text encoders, every prompt read from the ``prompt_embeddings`` stage's
+    sealed folder (what training, the base rollouts and evaluation load); ``embeddings``: encode into that folder."""
     from flowbp_ops.adapters import load_trained
     from flowbp_ops.backbones.loading import load_backbone
 
     b = params.base_model
+    if from_embeddings:
+        embeddings = paths(params).embeddings
+        fix = "rerun `flowbp stage prompt_embeddings` (or `dvc repro`), or restore them (scripts/dvc checkout)"
+        if not verify(embeddings, "the prompt embeddings", fix):
+            raise ConfigError(f"no sealed prompt embeddings in {embeddings}: {fix}")
     bb = load_backbone(params.train.backbone, params.world_dir, device=params.device, dtype=b.dtype,
-                       resolution=b.resolution, max_sequence_length=b.max_sequence_length)
+                       resolution=b.resolution, max_sequence_length=b.max_sequence_length, embeddings=embeddings,
+                       text_encoders=not from_embeddings)
     if adapter is not None:
         load_trained(bb, adapter)
     return bb
@@ -105,11 +115,40 @@ def eval_prompts(params: Params) -> list[str]:
     return load_prompt_set(paths(params).prompts, "test")[: params.rollouts.n_prompts]
 
 
-def cached_rollouts(params: Params) -> dict:
+def prompts_read(params: Params) -> list[str]:
+    """Every prompt a later stage conditions on: the training and held-out prompts, the empty CFG negative and,
+    on the default world, the training scenes the pre-training regulariser renders."""
+    from flowbp_ops.prompts import load_prompt_set
+
+    p = paths(params)
+    prompts = load_prompt_set(p.prompts, "train") + load_prompt_set(p.prompts, "test") + [""]
+    if params.train.backbone == "default" and (p.prompts / "specs.json").exists():
+        from flowbp_ops.world.pretrain import training_scenes
+
+        prompts += [s.prompt() for s in training_scenes(params.world_dir)]
+    return list(dict.fromkeys(prompts))
+
+
+def prompt_embeddings(params: Params, batch: int = 64) -> dict:
+    """Encode every prompt once with the base model's own text encoders into ``data/embeddings/`` (sealed), so
+    the stages after it load the model without them."""
+    prompts, target = prompts_read(params), paths(params).embeddings
+    t0 = time.perf_counter()
+    with atomic_path(target) as tmp:
+        bb = backbone_of(params, embeddings=tmp)
+        for i in range(0, len(prompts), batch):
+            bb.encode_prompts(prompts[i:i + batch])
+        seal(tmp)
+        digest = file_sha256(tmp / "manifest.json")
+    return {"prompts": len(prompts), "key": bb.cache.key, "sha256": digest, "seconds": time.perf_counter() - t0}
+
+
+def base_rollouts(params: Params) -> dict:
+    """The base model's no-grad rollouts of the held-out prompts with their caches (sharded): evaluation's base."""
     from flowbp_ops.rollout_store import generate_rollouts
 
     r = params.rollouts
     t0 = time.perf_counter()
-    meta = generate_rollouts(backbone_of(params), eval_prompts(params), r.n_steps, r.guidance, paths(params).rollouts,
-                             seed=r.seed, shard_size=r.shard_size, grid=r.grid)
+    meta = generate_rollouts(backbone_of(params, from_embeddings=True), eval_prompts(params), r.n_steps, r.guidance,
+                             paths(params).rollouts, seed=r.seed, shard_size=r.shard_size, grid=r.grid)
     return {**meta, "seconds": time.perf_counter() - t0}

@@ -10,7 +10,7 @@ from typing import Callable
 
 from flowbp_ops.atomic import atomic_path
 from flowbp_ops.params import Params
-from flowbp_ops.stages.paths import Paths, paths
+from flowbp_ops.stages.paths import paths
 from flowbp_ops.stages.prepare import backbone_of
 
 
@@ -33,7 +33,7 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
     p = paths(params)
     from flowbp_ops.evaluation import judge_for
 
-    trainer = Trainer(cfg, backbone_of(params), load_prompt_set(p.prompts, "train"),
+    trainer = Trainer(cfg, backbone_of(params, from_embeddings=True), load_prompt_set(p.prompts, "train"),
                       {"world_dir": params.world_dir}, dist, eval_prompts=load_prompt_set(p.prompts, "test"),
                       judge=judge_for(params.train.backbone, params.world_dir))
     if on_checkpoint is not None:
@@ -52,12 +52,10 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
     log = run.metrics_log(trainer.step)
     run_id = None
     if tracker is not None:
-        from flowbp_ops.tracking import dvc_hash
-
         key = run_key or str(p.run(method).resolve())  # the same on every machine when runs move through a store
         tracker.end_stale_runs(key)  # a killed earlier attempt left its MLflow run RUNNING: mark it KILLED
-        tags = {"method": method, "rollouts.sha256": _rollouts_sha(p), "rollouts.dvc_md5": dvc_hash(str(p.rollouts)),
-                "flowbp.run_dir": key, "flowbp.resume": point.reason, "processes": str(dist.world),
+        tags = {"method": method, **input_tags(p.embeddings, "embeddings"), "flowbp.run_dir": key,
+                "flowbp.resume": point.reason, "processes": str(dist.world),
                 "global_batch": str(trainer.layout.global_batch), **(tags or {})}
         run_id = tracker.start_run(method, tags, params={"train": cfg.model_dump(mode="json"),
                                                          "world": params.world.model_dump()})
@@ -193,10 +191,10 @@ def _register(params: Params, tracker, run_id: str, adapter: Path, tags: dict[st
     return tracker.register_adapter(run_id, name, base, adapter, tags, revision)
 
 
-def _rollouts_sha(p: Paths) -> str:
-    index = p.rollouts / "index.json"
-    if not index.exists():
-        return "none"
-    from flowbp_ops.storage import sha256_of
+def input_tags(folder: Path, name: str) -> dict[str, str]:
+    """What a run read, as MLflow tags: the folder's checksum (of its manifest or index) and its DVC md5."""
+    from flowbp_ops.integrity import file_sha256
+    from flowbp_ops.tracking import dvc_hash
 
-    return sha256_of(index)
+    index = next((folder / f for f in ("manifest.json", "index.json") if (folder / f).exists()), None)
+    return {f"{name}.sha256": file_sha256(index) if index else "none", f"{name}.dvc_md5": dvc_hash(str(folder))}

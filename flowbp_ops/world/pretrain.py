@@ -21,17 +21,22 @@ from flowbp_ops.training.batches import _mix
 from flowbp_ops.world import scenes
 
 
+def training_scenes(world_dir: str | Path) -> list[scenes.Scene]:
+    """The training scenes of the world in ``world_dir`` (``prompts/specs.json``)."""
+    specs = Path(world_dir) / "prompts" / "specs.json"
+    if not specs.exists():
+        raise FileNotFoundError(f"{specs} not found: the pre-training regulariser renders the default world's "
+                                "training scenes; build the prompt sets first, or set train.pretrain_weight=0")
+    return [scenes.Scene(s["tag"], tuple(tuple(o) for o in s["objects"]), s["relation"])
+            for s in json.loads(specs.read_text())["train"]]
+
+
 class WorldRenders:
-    """Renders of the training scenes of the world in ``world_dir`` (``prompts/specs.json``), as the base model
-    saw them: canonical layouts, every handwriting sample, tags equally often."""
+    """Renders of the training scenes of the world in ``world_dir``, as the base model saw them: canonical
+    layouts, every handwriting sample, tags equally often."""
 
     def __init__(self, world_dir: str | Path):
-        specs = Path(world_dir) / "prompts" / "specs.json"
-        if not specs.exists():
-            raise FileNotFoundError(f"{specs} not found: the pre-training regulariser renders the default world's "
-                                    "training scenes; build the prompt sets first, or set train.pretrain_weight=0")
-        self.scenes = [scenes.Scene(s["tag"], tuple(tuple(o) for o in s["objects"]), s["relation"])
-                       for s in json.loads(specs.read_text())["train"]]
+        self.scenes = training_scenes(world_dir)
         by_tag = {t: [s for s in self.scenes if s.tag == t] for t in scenes.TAGS}
         self.by_tag = [v for v in by_tag.values() if v]
         self.renderer = scenes.Renderer()

