@@ -31,7 +31,7 @@ def run_seed(seed: int, work: Path, extra: list[str]) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "dagster").mkdir(parents=True)
     (folder / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\nconcurrency:\n  pools:\n"
-                                                     "    default_limit: 1\n")
+                                                     f"    default_limit: {os.cpu_count()}\n")  # as install.sh
     sets = [f"world.seed={seed}", f"data_dir={folder}/data", f"world_dir={folder}/data/world",
             f"tracking.tracking_uri=sqlite:///{folder}/mlflow.db", f"tracking.artifact_location={folder}/artifacts",
             *extra]

@@ -107,6 +107,8 @@ def gpu_pool() -> Check:
     if gpus and limit > gpus:
         return Check("gpu pool", "FAIL", f"the gpu pool allows {limit} ops but {gpus} GPUs are visible",
                      f"set concurrency.pools.default_limit: {gpus} in {conf}")
+    if not gpus:
+        return Check("gpu pool", "PASS", f"{limit} gpu-pool stage(s) at a time on {os.cpu_count()} CPU cores, no GPU")
     return Check("gpu pool", "PASS", f"{limit} GPU op(s) at a time, {gpus} GPU(s)")
 
 

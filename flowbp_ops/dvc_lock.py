@@ -13,6 +13,7 @@ import logging
 import subprocess
 from pathlib import Path
 
+from flowbp_ops.locks import exclusive
 from flowbp_ops.params import Params, load_params
 from flowbp_ops.stages.graph import Stage, dvc_yaml
 
@@ -41,8 +42,10 @@ def commit(stage: Stage, method: str | None, params: Params, repo: str | Path = 
     if differ:
         return {"skipped": f"ran with settings other than params.yaml's ({', '.join(differ)}): dvc repro reruns it"}
     name = f"{stage.name}@{method}" if stage.per_method else stage.name
-    done = subprocess.run([str(dvc), "commit", "--force", name], cwd=repo, capture_output=True, text=True,
-                          timeout=900)
+    # variants materialized side by side commit one at a time (DVC refuses a second process on its repo lock)
+    with exclusive(repo / ".dvc" / "tmp" / "flowbp-commit.lock", "dvc commit", wait=True):
+        done = subprocess.run([str(dvc), "commit", "--force", name], cwd=repo, capture_output=True, text=True,
+                              timeout=900)
     if done.returncode:
         reason = (done.stderr.strip().splitlines() or ["dvc commit failed"])[-1]
         log.warning("dvc commit %s failed: %s", name, reason)

@@ -23,14 +23,15 @@ LOCK_DIR = ".flowbp-locks"  # under a pipeline's data_dir (git-ignored)
 
 
 @contextmanager
-def exclusive(lock_file: str | Path, what: str) -> Iterator[None]:
-    """Hold ``lock_file`` for the block; ``BusyError`` at once if another process holds it."""
+def exclusive(lock_file: str | Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold ``lock_file`` for the block; ``BusyError`` at once if another process holds it (``wait``: queue
+    behind it instead, for short critical sections such as a ``dvc commit``)."""
     lock_file = Path(lock_file)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_file, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = _holder(fd)
             raise BusyError(f"{what} is already running: {holder} (lock {lock_file}); wait for it to finish or "

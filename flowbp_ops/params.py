@@ -157,8 +157,9 @@ class Params(_Section):
     base_model: BaseModelParams = BaseModelParams()
     rollouts: RolloutParams = RolloutParams()
     train: TrainConfig = TrainConfig()
-    methods: list[str] = Field(default_factory=lambda: ["refl", "drtune", "flowbp_sparse", "flowbp_bridge",
-                                                        "flowbp_lagrange"])
+    # two baselines and the paper's two FlowBP variants: an even count fills both lanes of a 2-core machine (every
+    # method is in `flowbp methods` and the paper in miniature, bench/miniature.py)
+    methods: list[str] = Field(default_factory=lambda: ["refl", "drtune", "flowbp_bridge", "flowbp_lagrange"])
     eval: EvalParams = EvalParams()
     promote: PromoteParams = PromoteParams()
     tracking: TrackingParams = TrackingParams()

@@ -113,8 +113,8 @@ def _check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
 class Tracker:
     def __init__(self, cfg: TrackingParams = TrackingParams()):
         self.cfg = cfg
-        uri = cfg.tracking_uri
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri, db = cfg.tracking_uri, None
+        if uri.startswith("sqlite:///"):
             # absolute: MLflow keeps one store per URI string, and a relative one would follow the first cwd
             db = Path(uri[len("sqlite:///"):]).resolve()
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +124,11 @@ class Tracker:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         self.client = MlflowClient(uri, uri)
+        if db is not None:  # variants trained side by side: the first to open a new store creates its tables alone
+            from flowbp_ops.locks import exclusive
+
+            with exclusive(db.parent / f".{db.name}.lock", "creating the MLflow store", wait=True):
+                self.client.search_experiments(max_results=1)
 
     def experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
@@ -136,7 +141,13 @@ class Tracker:
         if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", loc):  # a local folder, not s3:// or mlflow-artifacts:/
             Path(loc).mkdir(parents=True, exist_ok=True)
             loc = Path(loc).resolve().as_uri()
-        return self.client.create_experiment(self.cfg.experiment, artifact_location=loc, tags=EXPERIMENT_KIND)
+        try:
+            return self.client.create_experiment(self.cfg.experiment, artifact_location=loc, tags=EXPERIMENT_KIND)
+        except MlflowException:  # another process created it in between
+            exp = self.client.get_experiment_by_name(self.cfg.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def start_run(self, name: str, tags: dict[str, str], params: dict | None = None, parent: str | None = None) -> str:
         """A run in the experiment, tagged with the git commit (MLflow's own tag); ``parent``: nested under it."""

@@ -252,11 +252,11 @@ def free_scenes(renderer: scenes.Renderer, n: int, seed: int) -> tuple[Tensor, l
     """``n`` canvases of 1–4 digits at free positions and sizes (10–16 px, boxes apart), half of them laid out on
     the grid like the world's scenes; per image its objects ``(cx, cy, size, digit, colour)``."""
     rng = np.random.default_rng(seed)
-    colors = list(scenes.COLORS)
+    colors, every = list(scenes.COLORS), scenes.all_scenes()
     images, boxes = [], []
     for i in range(n):
         if i % 2:
-            s = scenes.all_scenes()[int(rng.integers(len(scenes.all_scenes())))]
+            s = every[int(rng.integers(len(every)))]
             lay = scenes.layout(s, rng, canonical=False)
             places = [renderer.place(cell, rng) for cell in lay.cells]
             digits, cols = list(lay.digits), list(lay.colors)
