@@ -95,6 +95,17 @@ def summarize(results: list[dict], out: Path) -> str:
     return table
 
 
+def figures(results: list[dict], work: Path, out: Path) -> None:
+    """Each seed's comparison plot and its champion's sample grid (base vs tuned, same noise) beside the table."""
+    for r in results:
+        data = work / f"seed{r['seed']}" / "data"
+        best = r["promoted"].get("promoted") or r["promoted"].get("ranking", [None])[0]
+        for src, name in ((data / "comparison" / "comparison.png", "comparison"),
+                          (data / "eval" / str(best) / "samples.png", "samples")):
+            if src.exists():
+                shutil.copy(src, out / f"seed{r['seed']}_{name}.png")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -108,6 +119,7 @@ def main() -> None:
         done = results[-1]
         print(f"seed {seed}: {done['seconds'] / 60:.1f} min, champion {done['promoted'].get('promoted')}", flush=True)
     print(summarize(results, Path(args.out)))
+    figures(results, Path(args.work), Path(args.out))
 
 
 if __name__ == "__main__":

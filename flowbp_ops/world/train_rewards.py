@@ -306,7 +306,8 @@ def train_detector(net, half: int, seed: int, steps: int, batch: int, progress=N
 def train_reward_nets(out_dir: str | Path, cfg, progress=None) -> dict[str, dict]:
     """Train and save every judge of the world (``cfg``: a :class:`~flowbp_ops.world.config.WorldConfig`); returns
     each one's measurements on unseen handwriting."""
-    out_dir, seed = Path(out_dir), cfg.seed
+    # each net's seed: 1000 × the world seed + its own offset, so two world seeds share no ensemble member
+    out_dir, seed = Path(out_dir), 1000 * cfg.seed
     report: dict[str, dict] = {}
     for name, (make, half, offset, recipe) in PARSERS.items():
         if recipe.adv_eps:
