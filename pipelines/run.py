@@ -47,7 +47,8 @@ def run_chain(params_file: str | Path = "params.yaml", overrides: list[str] = ()
             t0 = time.perf_counter()
             # every stage gets its sections of this params file (with the overrides) as explicit run config
             cfg = Path(tmp) / f"{job}-{partition or 'all'}.yaml"
-            execution = {"multiprocess": {"max_concurrent": lanes}} if executor == "multiprocess" else {"in_process": {}}
+            execution = ({"multiprocess": {"max_concurrent": lanes}} if executor == "multiprocess"
+                         else {"in_process": {}})
             cfg.write_text(yaml.safe_dump({"ops": {n: ops[n] for n in names}, "execution": {"config": execution}}))
             tags = {CHAIN_TAG: chain, **({"dagster/partition": partition} if partition else {})}
             subprocess.run([sys.executable, "-m", "dagster", "job", "execute", "-m", "pipelines.definitions",
