@@ -19,7 +19,7 @@ class WorldConfig(BaseModel):
     vae_steps: int = Field(400, ge=1)
     vae_batch: int = Field(16, ge=1)
     vae_lr: float = Field(2e-3, gt=0)
-    flow_steps: int = Field(3200, ge=1, description="rectified-flow training steps of the transformer")
+    flow_steps: int = Field(4000, ge=1, description="rectified-flow training steps of the transformer")
     flow_batch: int = Field(32, ge=1)
     flow_lr: float = Field(1e-3, gt=0)
     flow_ema: float = Field(0.999, ge=0, lt=1, description="EMA decay of the saved transformer (with warm-up)")
