@@ -55,7 +55,7 @@ PARAMS = {
     "eval": {"grid_prompts": 2, "diversity_seeds": 2, "diversity_prompts": 2},
     "tracking": {"tracking_uri": "sqlite:///mlflow.db", "artifact_location": "mlartifacts"},
 }
-SKIP_STATE = (".flowbp-locks", "mlflow.db", "mlartifacts")
+SKIP_STATE = (".flowbp-locks", "mlflow.db", ".mlflow.db.lock", "mlartifacts")
 
 
 def cli(*args: str) -> tuple[int, str]:
