@@ -123,12 +123,17 @@ class Tracker:
             _check_server(uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        self.client = MlflowClient(uri, uri)
-        if db is not None:  # variants trained side by side: the first to open a new store creates its tables alone
-            from flowbp_ops.locks import exclusive
+        if db is None:
+            self.client = MlflowClient(uri, uri)
+            return
+        # variants trained side by side: the first to open a new store creates its tables alone (the client and
+        # its first queries of both stores are where MLflow creates them)
+        from flowbp_ops.locks import exclusive
 
-            with exclusive(db.parent / f".{db.name}.lock", "creating the MLflow store", wait=True):
-                self.client.search_experiments(max_results=1)
+        with exclusive(db.parent / f".{db.name}.lock", "creating the MLflow store", wait=True):
+            self.client = MlflowClient(uri, uri)
+            self.client.search_experiments(max_results=1)
+            self.client.search_registered_models(max_results=1)
 
     def experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)

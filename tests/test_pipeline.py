@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -323,7 +324,7 @@ def test_registered_model_serves_outside_the_repo(chain, tmp_path):
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
                                f"models:/{name}/{version}", "--env-manager", "local", "-h", "127.0.0.1", "-p",
                                str(port), "--workers", "1"], cwd=elsewhere, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         body = json.dumps({"inputs": ["a photo of a red seven"], "params": {"steps": 2}}).encode()
         deadline, answer = time.time() + 180, None
@@ -340,9 +341,16 @@ def test_registered_model_serves_outside_the_repo(chain, tmp_path):
 
         image = np.asarray(answer["predictions"])
         assert image.shape == (1, 32, 32, 3) and image.min() >= 0 and image.max() <= 255
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    finally:  # the server's workers are its children: stop the whole process group
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(server.pid, sig)
+                server.wait(timeout=30)
+                break
+            except ProcessLookupError:  # the group is gone already
+                break
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def test_stage_cli_refuses_bad_input(tmp_path, capsys):
