@@ -1,7 +1,7 @@
 """The gates on a small but trained default world: an over-trained variant is measured and refused.
 
 The session's smoke world has untrained judges, so what they say of a variant means nothing. Here the world is
-trained, small (about two minutes): a weak base model, but rewards, critics and a judge that read images. A
+trained, small (about five minutes on 2 cores): a weak base model, but rewards, critics and a judge that read images. A
 variant trained at ten times the recipe's learning rate raises its training reward by wrecking the images;
 the held-out gates see it and promotion refuses it.
 """
@@ -13,7 +13,7 @@ import pytest
 from flowbp_ops.params import params_from
 from flowbp_ops.world.config import WorldConfig
 
-# two threads: this world is built for the test alone, never compared with a recorded one
+# the stages run on two threads: this world is built for the test alone, never compared with a recorded one
 SMALL = WorldConfig(n_images=4000, vae_steps=150, flow_steps=1200, reward_steps=200, critic_steps=100,
                     detector_steps=400, threads=2)
 
