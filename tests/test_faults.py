@@ -386,7 +386,8 @@ def test_kill_then_rerun_resumes_without_repeated_steps(ws):
     assert 0 < summary["resumed_from"] < len(logged), (summary["resumed_from"], len(logged))
     assert (_steps(run / "metrics.jsonl") == list(range(40))
             == _steps(ws / "data" / "variants" / "refl" / "metrics.jsonl"))
-    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
     runs = client.search_runs([client.get_experiment_by_name("flowbp").experiment_id],
                               "tags.method = 'refl'", order_by=["attributes.start_time DESC"])
     assert runs[0].info.status == "FINISHED" and runs[1].info.status == "KILLED"

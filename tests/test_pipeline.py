@@ -190,7 +190,7 @@ def test_chain_materializes_every_stage_and_tracks_in_mlflow(chain):
     promoted = json.loads((data / "promoted.json").read_text())
     assert promoted["promoted"] is None and "no variant passed" in promoted["reason"]
 
-    client = MlflowClient(params.tracking.tracking_uri)
+    client = MlflowClient(params.tracking.tracking_uri, params.tracking.tracking_uri)
     exp = client.get_experiment_by_name("flowbp")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on model training
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}

@@ -147,7 +147,7 @@ def test_two_machines_share_only_the_store_and_mlflow(s3_bucket, mlflow_server, 
     steps = [json.loads(line)["step"] for line in (b / "data" / "variants" / "refl" / "metrics.jsonl").read_text()
              .splitlines()]
     assert steps == list(range(40))
-    client = MlflowClient(url)
+    client = MlflowClient(url, url)
     runs = client.search_runs([client.get_experiment_by_name(tracking["experiment"]).experiment_id],
                               "tags.method = 'refl'", order_by=["attributes.start_time ASC"])
     training = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
