@@ -3,6 +3,9 @@ where memory allows).
 
     python bench/gpu_fullsize.py --arch sd35 --out bench/results/gpu_sd35.json     # ~6 min on an H100/H200
     python bench/gpu_fullsize.py --arch flux2 --out bench/results/gpu_flux2.json   # real CFG, batch 2
+    python bench/gpu_fullsize.py --arch sd35 --structure --out bench/results/gpu_structure_sd35.json
+        # the authors' structure vs flowbp's execution (merged, compiled + CUDA graphs, batched) for
+        # Sparse / Bridge / Lagrange, as bench/step_speed.py on CPU
 
 Builds the real transformer architecture from its published config (random init, bf16 — no
 weights can be downloaded), attaches a peft LoRA (rank 32) with gradient checkpointing, and
@@ -124,12 +127,30 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="bench/results/gpu_fullsize.json")
     ap.add_argument("--smoke", action="store_true", help="small configs on CPU: check the script, measure nothing")
+    ap.add_argument("--structure", action="store_true",
+                    help="instead: the authors' structure vs flowbp's execution for Sparse/Bridge/Lagrange "
+                    "(bench/step_speed.py's configurations, bf16 autocast)")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
     cuda = device == "cuda"
     model, den, x0, cond = build(args.arch, device, args.smoke)
     params = [p for p in model.parameters() if p.requires_grad]
     u = torch.randn(x0.shape[1:], device=device, generator=torch.Generator(device).manual_seed(3))
+    if args.structure:
+        from step_speed import compare_structures
+
+        methods = [m for m in args.methods if m in ("flowbp_sparse", "flowbp_bridge", "flowbp_lagrange")] or \
+            ["flowbp_sparse", "flowbp_bridge", "flowbp_lagrange"]
+        rows, decisions = compare_structures(
+            model, den, x0, cond, params, methods, args.steps, args.repeats, args.arch, lambda y: -torch.tanh(y * u),
+            sigmas_of=lambda n: get_schedule(args.arch).sigmas(n, 512), sync=torch.cuda.synchronize if cuda else
+            (lambda: None), autocast=torch.bfloat16 if cuda else None, block_checkpointing=True)
+        result = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
+                  "arch": args.arch, "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
+                  "decisions": decisions, "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        return
 
     def sync_time(fn) -> float:
         if cuda:

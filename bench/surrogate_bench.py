@@ -147,9 +147,9 @@ def run(args, phase: str) -> list[dict]:
         fwd(), fwd_bwd(den)
 
     variants = [(m, m, {}) for m in args.methods]
-    variants += [(f"{m} (two-pass)", m, {"execution.one_pass": False}) for m in ("flowbp_sparse", "flowbp_lagrange")]
+    variants += [(f"{m} (two-pass)", m, {"execution.mode": "two_pass"}) for m in ("flowbp_sparse", "flowbp_lagrange")]
     variants += [("full backprop", "draft_k", {"active.k": "N", "execution.checkpoint": False}),
-                 ("full backprop (checkpointed)", "draft_k", {"active.k": "N"})]
+                 ("full backprop (checkpointed)", "draft_k", {"active.k": "N", "execution.checkpoint": True})]
     rows = []
     # one variant at a time over all N, the big full-backprop steps last, so that every
     # row's memory baseline is alike (no heap left fragmented by a larger step before it)

@@ -26,7 +26,7 @@ _PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, dict[str, Any]]]] = {
     "draft_k": (
         "exact backprop through the last K steps (DRaFT-1 by default; active.k=N is DRaFT full)",
         {"active": {"sampler": "last_k", "k": 1}, "bridge": {"alpha": 1.0, "chained": True},
-         "execution": {"checkpoint": True, "cfg_detach_neg": False}},
+         "execution": {"cfg_detach_neg": False}},
         {},
     ),
     "draft_lv": (
@@ -38,7 +38,7 @@ _PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, dict[str, Any]]]] = {
     "alignprop": (
         "exact backprop through a random last K ~ U{1..N} (randomized truncation)",
         {"active": {"sampler": "last_k", "k": "N", "k_min": 1}, "bridge": {"alpha": 1.0, "chained": True},
-         "execution": {"checkpoint": True, "cfg_detach_neg": False}},
+         "execution": {"cfg_detach_neg": False}},
         {},
     ),
     "drtune": (

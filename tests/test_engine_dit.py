@@ -32,11 +32,11 @@ def grads(model, out, u):
 
 
 @pytest.mark.parametrize("method", ENDPOINT_METHODS)
-@pytest.mark.parametrize("one_pass", [True, False])
-def test_connector_methods_see_the_cached_endpoint_bit_for_bit(tiny_dit, method, one_pass):
+@pytest.mark.parametrize("mode", ["one_pass", "two_pass", "batched"])
+def test_connector_methods_see_the_cached_endpoint_bit_for_bit(tiny_dit, method, mode):
     x0, cond, u, den = world(tiny_dit, seed=1)
     sig = sd35_sigmas(10)
-    cfg = get_method(method, "tiny", 10, overrides={"execution.one_pass": one_pass})
+    cfg = get_method(method, "tiny", 10, overrides={"execution.mode": mode})
     out = surrogate_step(den, build_plan(cfg, sig, 3), x0, cond)
     assert torch.equal(out.y, out.cache.x[10])
     assert out.y.requires_grad
@@ -46,16 +46,18 @@ def test_connector_methods_see_the_cached_endpoint_bit_for_bit(tiny_dit, method,
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_one_pass_and_two_pass_give_the_same_gradient(tiny_dit, method):
+@pytest.mark.parametrize("mode", ["two_pass", "batched"])
+def test_every_execution_mode_gives_the_one_pass_gradient(tiny_dit, method, mode):
     x0, cond, u, den = world(tiny_dit, seed=2)
     sig = sd35_sigmas(10)
-    cfg1 = get_method(method, "tiny", 10, overrides={"execution.one_pass": True})
-    cfg2 = cfg1.with_overrides({"execution.one_pass": False})
+    cfg1 = get_method(method, "tiny", 10, overrides={"execution.mode": "one_pass"})
+    cfg2 = cfg1.with_overrides({"execution.mode": mode})
     g1 = grads(tiny_dit, surrogate_step(den, build_plan(cfg1, sig, 4), x0, cond), u)
-    g2 = grads(tiny_dit, surrogate_step(den, build_plan(cfg2, sig, 4), x0, cond), u)
+    out2 = surrogate_step(den, build_plan(cfg2, sig, 4), x0, cond)
+    g2 = grads(tiny_dit, out2, u)
     flat1 = torch.cat([g.flatten() for g in g1 if g is not None])
     flat2 = torch.cat([g.flatten() for g in g2 if g is not None])
-    assert flat1.norm() > 0
+    assert flat1.norm() > 0 and out2.mode == mode
     assert torch.allclose(flat1, flat2, rtol=1e-3, atol=1e-6 * flat1.abs().max())
 
 
@@ -64,16 +66,23 @@ def test_one_pass_and_two_pass_give_the_same_gradient(tiny_dit, method):
 def test_grad_forwards_equal_the_active_set_and_one_pass_saves_forwards(tiny_dit, method, n):
     x0, cond, u, _ = world(tiny_dit, seed=3)
     sig = sd35_sigmas(n)
-    for one_pass in (True, False):
+    for mode in ("one_pass", "two_pass", "batched"):
         counter = CountingField(SD3Velocity(tiny_dit))
         den = Denoiser(counter, cfg_scale=3.5)
-        calls = CountingField(den)  # denoiser-level forwards (one per step; CFG inside)
-        cfg = get_method(method, "tiny", n, overrides={"execution.one_pass": one_pass})
+        calls = CountingField(den)  # denoiser-level forwards (one per step or per batched call; CFG inside)
+        # checkpointing fixed: an undecided (auto) step runs its first forward alone to measure it
+        cfg = get_method(method, "tiny", n, overrides={"execution.mode": mode, "execution.checkpoint": False})
         plan = build_plan(cfg, sig, n)
         out = surrogate_step(calls, plan, x0, cond)
-        assert counter.grad_calls == out.grad_forwards == plan.n_grad_forwards
-        expected = plan.rollout_steps + (0 if one_pass else len(plan.active)) + plan.lv_copies
-        assert calls.calls == expected
+        assert out.grad_forwards == plan.n_grad_forwards
+        assert counter.grad_calls == out.grad_calls
+        if mode == "batched":  # the cached-input steps (and LV's copies) in one call, the bridged ones after it
+            unbridged = len(plan.active) - len(plan.bridged)
+            assert out.grad_calls == (unbridged > 0) + len(plan.bridged) + (plan.lv_copies > 0)
+        else:
+            assert out.grad_calls == plan.n_grad_forwards
+        # one pass: the active forwards replace the rollout's no-grad ones at their steps
+        assert calls.calls == plan.rollout_steps + out.grad_calls - (len(plan.active) if mode == "one_pass" else 0)
 
 
 def saved_bytes(fn, params):

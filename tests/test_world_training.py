@@ -95,6 +95,34 @@ def test_resume_is_exact(world, prompts, tmp_path):
         assert torch.equal(p, wa[n]), n
 
 
+def test_execution_settings_change_the_cost_not_the_training(world, prompts, tmp_path):
+    """The merged-LoRA rollout and the batched re-forwards train the same weights as the plain path (within float
+    rounding), leave the base weights bit for bit, and ``mode=auto`` settles on one mode after its trials."""
+    runs = {}
+    for name, over in {"plain": ["execution.merged_rollout=false"], "fast": [],
+                       "batched": ["execution.mode=batched"], "auto": ["execution.mode=auto"]}.items():
+        bb = backbone(world)
+        before = {n: p.clone() for n, p in bb.transformer.named_parameters()}
+        logs = []
+
+        class Keep:
+            def on_step(self, step, m):
+                logs.append(m)
+
+        train(small("flowbp_bridge", steps=5, ema=None, method_overrides=over), bb, prompts, tmp_path / name,
+              callbacks=[Keep()], reward_kwargs={"world_dir": world})
+        runs[name] = dict(bb.transformer.named_parameters())
+        assert all(torch.equal(p, before[n]) for n, p in runs[name].items() if n in before and "lora" not in n)
+        modes = [m["mode"] for m in logs]
+        if name == "auto":  # two steps of each, then the faster one
+            assert sorted(modes[:4]) == ["batched", "batched", "one_pass", "one_pass"] and modes[4] in modes[:4]
+        else:
+            assert set(modes) == {"batched" if name == "batched" else "one_pass"}
+    for name in ("fast", "batched", "auto"):
+        for n, p in runs[name].items():
+            assert torch.allclose(p, runs["plain"][n], rtol=1e-3, atol=1e-5), (name, n)
+
+
 class _NaNAfter:
     name = "nan_after_2"
     calls = 0

@@ -95,9 +95,19 @@ class TrajectoryWeight(_Axis):
 class Execution(_Axis):
     """How the plan is executed; none of these change the gradient's definition."""
 
-    one_pass: bool = Field(True, description="run active forwards inside the rollout (N forwards, not N+|A|)")
-    checkpoint: bool = Field(False, description="gradient checkpointing of every grad-carrying forward")
+    mode: Literal["one_pass", "two_pass", "batched", "auto"] = Field(
+        "one_pass", description="one_pass: active forwards inside the rollout (N forwards); two_pass: a no-grad "
+        "rollout, then one re-forward per active step (N + |A|, the authors'); batched: a no-grad rollout, then the "
+        "re-forwards in as few batched calls as the plan's dependencies allow; auto: one_pass and batched on the "
+        "first steps, then the faster")
+    checkpoint: bool | Literal["auto"] = Field(
+        "auto", description="gradient checkpointing of the grad-carrying forwards: auto = only when the activations "
+        "measured on the first forward would not fit the free memory")
     cfg_detach_neg: bool = Field(True, description="real CFG: the negative branch runs without gradient")
+    merged_rollout: bool = Field(True, description="LoRA: the no-grad forwards on weights with the adapter folded in "
+                                 "(the base weights restored bit for bit for the gradient forwards)")
+    compile_rollout: bool = Field(False, description="torch.compile the no-grad forwards (eager if compiling fails, "
+                                  "said in the log)")
 
 
 class MethodConfig(_Axis):

@@ -7,7 +7,8 @@ velocity. Every segment after the first starts at a split, where the state passe
 connector and an active velocity at ``a`` sees ``bridge(conn(x̂_a, x_a), α)``.
 
 Because the plan exists before the rollout, the rollout can run each active forward with
-gradient at its own step (the one-pass form); see :mod:`flowbp_ops.surrogate.compose`.
+gradient at its own step (the one-pass form), or the re-forwards can be batched after it;
+see :mod:`flowbp_ops.surrogate.compose`.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class Plan:
     window: tuple[int, int] = (0, 0)  # the tail window [a, N) the sampler drew from
     draw: dict = field(default_factory=dict)  # Bridge: the pre-split steps, j, the post-split steps
     trajectory_tau: float | None = None  # τ_w when the trajectory weight is on
-    one_pass: bool = True
-    checkpoint: bool = False
+    mode: str = "one_pass"  # one_pass | two_pass | batched | auto (the Execution axis)
+    checkpoint: bool | str = "auto"  # True | False | "auto" (decided by measurement, ``surrogate.runtime``)
     cfg_detach_neg: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -193,7 +194,7 @@ def build_plan(cfg: MethodConfig, sigmas: np.ndarray, seed: int) -> Plan:
         method=cfg.name, seed=int(seed), sigmas=tuple(float(s) for s in sigmas), segments=tuple(segments),
         reward_input=cfg.reward_input.kind, lv_copies=cfg.reward_input.lv_copies, split=split, rescale=float(g),
         rescales=tuple(per_segment), window=(N - window, N), draw=draw,
-        trajectory_tau=tw.tau if tw.enabled else None, one_pass=cfg.execution.one_pass,
+        trajectory_tau=tw.tau if tw.enabled else None, mode=cfg.execution.mode,
         checkpoint=cfg.execution.checkpoint, cfg_detach_neg=cfg.execution.cfg_detach_neg, notes=tuple(notes),
     )
 

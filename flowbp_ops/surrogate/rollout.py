@@ -38,26 +38,49 @@ def _cat(a: Any, b: Any) -> Any:
     raise TypeError(f"cannot batch conditioning of type {type(a).__name__}; use tensors, dicts or tuples")
 
 
+def repeat_cond(cond: Any, k: int) -> Any:
+    """``k`` copies of a batch's conditioning one after another (the batched re-forwards of ``k`` steps)."""
+    if k == 1:
+        return cond
+    if isinstance(cond, CFGCond):
+        return CFGCond(repeat_cond(cond.pos, k), repeat_cond(cond.neg, k))
+    out = cond
+    for _ in range(k - 1):
+        out = _cat(out, cond)
+    return out
+
+
 @dataclass
 class Denoiser:
-    """A velocity function with guidance. ``cfg_scale=None``: call the model as is."""
+    """A velocity function with guidance. ``cfg_scale=None``: call the model as is.
+
+    ``sigma``: one float for the batch, or one per sample (a batched call of several steps). ``no_grad_model``,
+    when set, answers every call made without gradient (the rollout, the detached negative branch): the same
+    function on merged LoRA weights and/or compiled (:mod:`flowbp_ops.training.fast_rollout`)."""
 
     model: VelocityFn
     cfg_scale: float | None = None
     detach_neg: bool = True
+    no_grad_model: VelocityFn | None = None
 
-    def __call__(self, x: Tensor, sigma: float, cond: Any) -> Tensor:
-        s = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
+    def _raw(self) -> VelocityFn:
+        return self.model if self.no_grad_model is None or torch.is_grad_enabled() else self.no_grad_model
+
+    def __call__(self, x: Tensor, sigma: float | Tensor, cond: Any) -> Tensor:
+        if isinstance(sigma, Tensor):
+            s = sigma.to(device=x.device, dtype=torch.float32)
+        else:
+            s = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
         if self.cfg_scale is None:
-            return self.model(x, s, cond)
+            return self._raw()(x, s, cond)
         if not isinstance(cond, CFGCond):
             raise TypeError("real CFG needs a CFGCond(pos, neg) conditioning")
         if torch.is_grad_enabled() and self.detach_neg:
             with torch.no_grad():  # only the conditional branch carries gradient
-                v_neg = self.model(x.detach(), s, cond.neg)
+                v_neg = self._raw()(x.detach(), s, cond.neg)
             v_pos = self.model(x, s, cond.pos)
         else:  # one batched call of both branches
-            v_both = self.model(torch.cat([x, x]), torch.cat([s, s]), _cat(cond.pos, cond.neg))
+            v_both = self._raw()(torch.cat([x, x]), torch.cat([s, s]), _cat(cond.pos, cond.neg))
             v_pos, v_neg = v_both.chunk(2)
         return v_neg + self.cfg_scale * (v_pos - v_neg)
 

@@ -11,6 +11,7 @@ run with the last good checkpoint intact.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -24,11 +25,14 @@ from flowbp_ops.rewards.base import get_reward
 from flowbp_ops.surrogate.compose import surrogate_step
 from flowbp_ops.surrogate.config import ConfigError
 from flowbp_ops.surrogate.plan import build_plan
+from flowbp_ops.surrogate.runtime import Runtime
 from flowbp_ops.training import batches
 from flowbp_ops.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from flowbp_ops.training.config import TrainConfig
 from flowbp_ops.training.distributed import Dist
 from flowbp_ops.training.ema import EMA
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -118,6 +122,7 @@ class Trainer:
                                      weight_decay=cfg.weight_decay)
         self.ema = EMA(self.params, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None
         self.step, self.skipped = 0, 0
+        self.runtime = Runtime()  # checkpointing and the auto mode, measured on the first steps
         self.checkpoint_hooks: list = []  # called on rank 0 with the run folder after each checkpoint (a push)
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -209,7 +214,7 @@ class Trainer:
         authors = cfg.numerics == "authors"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = surrogate_step(denoiser, plan, x0, cond, sample_seeds=batches.sample_seeds(cfg.seed, self.step, qs),
-                                 state_dtype=self.state_dtype)
+                                 state_dtype=self.state_dtype, runtime=self.runtime)
             images = backbone.decode(out.y, dtype=self.state_dtype)
             scored = prompts * (1 + plan.lv_copies)
         with torch.autocast(self.device.type, dtype=torch.float16 if authors else torch.bfloat16,
@@ -226,7 +231,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 fm = self._pretraining_loss(qs)
             (cfg.pretraining() * fm / layout.accumulation).backward()
-            pretrain = {"diag:pretrain_loss": float(fm)}
+            pretrain = {"diag:pretrain_loss": float(fm.detach())}
         heldout = self.heldout if self._heldout_due() else {}
         with torch.no_grad():
             sums = {"reward": float(r.sum()), **{f"heldout/{n}": float(h(images.detach(), scored).sum())
@@ -262,8 +267,11 @@ class Trainer:
         Callbacks run on rank 0 only, with metrics over the whole global batch."""
         cfg, dist, layout = self.cfg, self.dist, self.layout
         run_dir = Path(run_dir)
-        denoiser = self.backbone.denoiser(cfg.guidance)
-        bad, last = 0, {}
+        from flowbp_ops.training.fast_rollout import fast_denoiser
+
+        denoiser = fast_denoiser(self.backbone.denoiser(cfg.guidance), self.backbone.transformer,
+                                 self.method.execution)
+        bad, last, told = 0, {}, 0
         while self.step < cfg.steps:
             step = self.step
             if stop_after is not None and step >= stop_after:
@@ -309,6 +317,10 @@ class Trainer:
                     "skipped": self.skipped, "time_step": time.perf_counter() - t0,
                     "time_forward_backward": t_fwd - t0, "time_sync": t_sync, "time_clip": t_bwd - t_fwd - t_sync}
             self.step = step + 1
+            self.runtime.record(self.plan_info.get("mode", ""), last["time_step"])
+            for line in self.runtime.log[told:]:  # the measured execution decisions, once each
+                log.info("%s", line)
+            told = len(self.runtime.log)
             if self._ema_eval_due():
                 last.update(self.evaluate_ema())
             if dist.main:
