@@ -44,17 +44,24 @@ def _console() -> Console:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
+    from flowbp_ops.policy.config import POLICY_METHODS, describe_policy, get_policy, policy_summary
+
     rows = {m: methods.describe(methods.get_method(m, args.backbone)) for m in methods.METHODS}
+    policy = {m: describe_policy(get_policy(m)) for m in POLICY_METHODS}
     if args.json:
-        print(json.dumps({m: {"summary": methods.summary(m), **r} for m, r in rows.items()}, indent=2))
+        out = {m: {"summary": methods.summary(m), "family": "direct gradient", **r} for m, r in rows.items()}
+        out.update({m: {"summary": policy_summary(m), **r} for m, r in policy.items()})
+        print(json.dumps(out, indent=2))
         return 0
-    table = Table(title=f"flowbp methods (hyperparameters for backbone {args.backbone})")
-    table.add_column("method", style="bold")
-    for col in next(iter(rows.values())):
-        table.add_column(col)
-    for m, r in rows.items():
-        table.add_row(m, *r.values())
-    _console().print(table)
+    for title, group in ((f"direct-gradient methods: the four axes (hyperparameters for backbone {args.backbone})",
+                          rows), ("policy-gradient methods: their own axes (--set policy.KEY=VALUE)", policy)):
+        table = Table(title=title)
+        table.add_column("method", style="bold")
+        for col in next(iter(group.values())):
+            table.add_column(col)
+        for m, r in group.items():
+            table.add_row(m, *r.values())
+        _console().print(table)
     return 0
 
 

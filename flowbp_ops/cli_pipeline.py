@@ -32,7 +32,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
 
 def _stage(args: argparse.Namespace, pipes) -> int:
-    from flowbp_ops.methods import METHODS
+    from flowbp_ops.methods import ALL_METHODS
     from flowbp_ops.stages.graph import BY_NAME
     from flowbp_ops.stages.runner import PipesLog, report, run_stage
     from flowbp_ops.store import from_env
@@ -41,8 +41,8 @@ def _stage(args: argparse.Namespace, pipes) -> int:
 
     stage = BY_NAME[args.name]
     params = _params(args, pipes)
-    if stage.per_method and args.method not in METHODS:
-        raise ConfigError(f"stage {args.name} needs --method, one of {', '.join(METHODS)}")
+    if stage.per_method and args.method not in ALL_METHODS:
+        raise ConfigError(f"stage {args.name} needs --method, one of {', '.join(ALL_METHODS)}")
     if distributed.under_torchrun() and args.name != "trained_variant":
         raise ConfigError(f"stage {args.name} runs in one process: only trained_variant runs under torchrun / --nproc")
     dist, device = distributed.setup(params.device) if args.name == "trained_variant" else (distributed.Dist(), None)

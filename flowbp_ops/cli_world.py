@@ -10,7 +10,7 @@ from pathlib import Path
 from flowbp_ops.errors import fields
 from flowbp_ops.surrogate.config import ConfigError, parse_override
 
-AXES = ("reward_input.", "active.", "weights.", "bridge.", "trajectory_weight.", "execution.")
+AXES = ("reward_input.", "active.", "weights.", "bridge.", "trajectory_weight.", "execution.", "policy.")
 
 
 def _progress():
@@ -157,16 +157,16 @@ def _train_settings(args: argparse.Namespace):
     """The run's TrainConfig, and the preset's Params (None for ``--method`` on the default world)."""
     from pydantic import ValidationError
 
-    from flowbp_ops.methods import METHODS
+    from flowbp_ops.methods import ALL_METHODS
     from flowbp_ops.training.config import TrainConfig
 
     if args.preset:
         params = _preset_params(args)
         return params.train_config(params.train.method), params
     if not args.method:
-        raise ConfigError("give --method (one of " + ", ".join(METHODS) + ") or --preset BACKBONE/METHOD")
-    if args.method not in METHODS:
-        raise ConfigError(f"unknown method {args.method!r}: choose one of {', '.join(METHODS)}")
+        raise ConfigError("give --method (one of " + ", ".join(ALL_METHODS) + ") or --preset BACKBONE/METHOD")
+    if args.method not in ALL_METHODS:
+        raise ConfigError(f"unknown method {args.method!r}: choose one of {', '.join(ALL_METHODS)}")
     if args.backbone != "default":
         raise ConfigError(f"--backbone {args.backbone}: a real backbone trains from a preset "
                           f"(`flowbp train --preset {args.backbone}/{args.method}`, see `flowbp preset --list`)")

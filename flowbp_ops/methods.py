@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 from flowbp_ops.backbones.table import get_backbone
+from flowbp_ops.policy.config import POLICY_METHODS
 from flowbp_ops.surrogate.config import ConfigError, MethodConfig, validated
 
 # method -> (one-line summary, common settings, {backbone: overrides})
@@ -80,7 +81,9 @@ _PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, dict[str, Any]]]] = {
     "custom": ("any point of the design space, from --set key=value", {}, {}),
 }
 
-METHODS = tuple(_PRESETS)
+METHODS = tuple(_PRESETS)  # the direct-gradient methods (the four axes)
+# every method a run can train: the direct-gradient presets and the policy-gradient family (flowbp_ops.policy)
+ALL_METHODS = METHODS + POLICY_METHODS
 
 
 def get_method(name: str, backbone: str = "sd35", n_steps: int = 25, overrides: list[str] | dict | None = None

@@ -167,11 +167,11 @@ class Params(_Section):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: list[str]) -> list[str]:
-        from flowbp_ops.methods import METHODS
+        from flowbp_ops.methods import ALL_METHODS
 
-        unknown = [m for m in value if m not in METHODS]
+        unknown = [m for m in value if m not in ALL_METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
         if not value:
             raise ValueError("give at least one method")
         return value
@@ -238,7 +238,12 @@ class Params(_Section):
         return self
 
     def train_config(self, method: str) -> TrainConfig:
-        return self.train.model_copy(update={"method": method})
+        """``method``'s run: ``train`` with the method overrides of its family (``policy.*`` for the policy-gradient
+        methods, the four axes for the others), so one params.yaml trains both families side by side."""
+        from flowbp_ops.policy.config import is_policy
+
+        own = [o for o in self.train.method_overrides if o.strip().startswith("policy.") == is_policy(method)]
+        return self.train.model_copy(update={"method": method, "method_overrides": own})
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:

@@ -13,12 +13,12 @@ from typing import Any
 
 import dagster as dg
 
-from flowbp_ops.methods import METHODS
+from flowbp_ops.methods import ALL_METHODS
 from flowbp_ops.stages.graph import JOBS, STAGES, Stage, sections
 from pipelines.config import apply, stage_config
 from pipelines.resources import ComputeResource, DvcResource, LauncherResource, MlflowResource, StorageResource
 
-METHOD_PARTITIONS = dg.StaticPartitionsDefinition(list(METHODS))
+METHOD_PARTITIONS = dg.StaticPartitionsDefinition(list(ALL_METHODS))
 # training resumes from its checkpoints, so retrying it loses nothing
 TRAIN_RETRY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
 

@@ -34,11 +34,14 @@ def test_sigma_grids_match_the_published_shifts():
 
 
 def test_methods_table_and_json(capsys):
+    from flowbp_ops.policy.config import POLICY_METHODS
+
     code, out, _ = run(capsys, "methods")
-    assert code == 0 and all(m in out for m in METHODS)
+    assert code == 0 and all(m in out for m in METHODS + POLICY_METHODS) and "policy-gradient methods" in out
     code, out, _ = run(capsys, "methods", "--json", "--backbone", "flux1")
     data = json.loads(out)
-    assert set(data) == set(METHODS) and data["flowbp_sparse"]["weights"].endswith("(η=1)")
+    assert set(data) == set(METHODS + POLICY_METHODS) and data["flowbp_sparse"]["weights"].endswith("(η=1)")
+    assert data["flow_grpo"]["clip range"] == "0.0001" and data["diffusion_nft"]["sampler noise"] == "ODE (none)"
 
 
 def test_plan_json_is_the_engines_own_plan(capsys):

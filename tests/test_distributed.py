@@ -58,10 +58,13 @@ def assert_close(a: dict, b: dict, prefix: str, rtol: float, atol: float) -> flo
     return worst
 
 
-@pytest.mark.parametrize("method", ["flowbp_sparse", "flowbp_bridge", "flowbp_lagrange"])
+@pytest.mark.parametrize("method", ["flowbp_sparse", "flowbp_bridge", "flowbp_lagrange", "flow_grpo_fast",
+                                    "diffusion_nft"])
 def test_lora_two_processes_equal_one_process(world, tmp_path, method):
-    """2 processes × 2 samples and 1 process × 4 samples: the same global batch, the same step."""
-    cfg = {"method": method, "steps": 2, "global_batch": 4, "lr": 3e-4}
+    """2 processes × 2 samples and 1 process × 4 samples: the same global batch, the same step (the policy methods
+    with groups of 2 images: one group per process)."""
+    cfg = {"method": method, "steps": 2, "global_batch": 4, "lr": 3e-4,
+           "method_overrides": ["policy.group_size=2"] if method in ("flow_grpo_fast", "diffusion_nft") else []}
     two = run_worker(world, tmp_path, "two", cfg, nproc=2)
     one = run_worker(world, tmp_path, "one", {**cfg, "batch": 4})
     assert_close(two, one, "grad.", rtol=1e-4, atol=1e-7)

@@ -87,10 +87,10 @@ class TrainConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        from flowbp_ops.methods import METHODS
+        from flowbp_ops.methods import ALL_METHODS
 
-        if value not in METHODS:
-            raise ValueError(f"unknown method {value!r}; choose from {', '.join(METHODS)}")
+        if value not in ALL_METHODS:
+            raise ValueError(f"unknown method {value!r}; choose from {', '.join(ALL_METHODS)}")
         return value
 
     @field_validator("backbone")
@@ -138,5 +138,9 @@ class TrainConfig(BaseModel):
     def check_method(self) -> None:
         """The method's axes with ``method_overrides`` on this run's N (ConfigError naming the field)."""
         from flowbp_ops.methods import get_method
+        from flowbp_ops.policy.config import get_policy, is_policy
 
+        if is_policy(self.method):
+            get_policy(self.method, self.method_overrides).check(self.rollout_steps, self.batch)
+            return
         get_method(self.method, self.backbone, self.rollout_steps, self.method_overrides).check(self.rollout_steps)

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Protocol
 import torch
 
 from flowbp_ops.methods import get_method
+from flowbp_ops.policy.config import get_policy, is_policy
 from flowbp_ops.rewards.base import get_reward
 from flowbp_ops.surrogate.compose import surrogate_step
 from flowbp_ops.surrogate.config import ConfigError
@@ -89,8 +90,16 @@ class Trainer:
             raise ValueError("training needs a non-empty prompt list (the prompt set's train split is empty)")
         self.cfg, self.backbone, self.prompts, self.dist = cfg, backbone, prompts, dist
         self.layout = batches.Layout.of(cfg.global_batch, cfg.batch, dist.world)
-        self.method = get_method(cfg.method, cfg.backbone, cfg.rollout_steps, cfg.method_overrides)
-        self.method.check(cfg.rollout_steps)
+        self.policy = get_policy(cfg.method, cfg.method_overrides) if is_policy(cfg.method) else None
+        if self.policy is not None:  # the policy-gradient family (flowbp_ops.policy): no surrogate plan
+            self.policy.check(cfg.rollout_steps, cfg.batch)
+            if self.policy.kl and cfg.finetune != "lora":
+                raise ConfigError(f"policy.kl={self.policy.kl} needs LoRA (the reference model is the adapter "
+                                  "switched off); set policy.kl=0 for full fine-tuning")
+            self.method = get_method("custom", cfg.backbone, cfg.rollout_steps)  # execution settings only
+        else:
+            self.method = get_method(cfg.method, cfg.backbone, cfg.rollout_steps, cfg.method_overrides)
+            self.method.check(cfg.rollout_steps)
         self.sigmas = backbone.sigmas(cfg.rollout_steps)
         self.state_dtype = torch.bfloat16 if cfg.numerics == "authors" else torch.float32
         if cfg.numerics == "authors":  # timesteps in bf16, and the Euler steps between them
@@ -212,6 +221,8 @@ class Trainer:
         if self.sharded:  # FSDP2 reduce-scatters once, after the last micro-batch
             backbone.transformer.set_requires_gradient_sync(micro == layout.accumulation - 1)
         authors = cfg.numerics == "authors"
+        if self.policy is not None:
+            return self._policy_micro_batch(denoiser, prompts, x0, cond, qs)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = surrogate_step(denoiser, plan, x0, cond, sample_seeds=batches.sample_seeds(cfg.seed, self.step, qs),
                                  state_dtype=self.state_dtype, runtime=self.runtime)
@@ -226,20 +237,46 @@ class Trainer:
         if cfg.cfg_grad_compensate and cfg.guidance:  # the authors' CFG gradient compensation (spec §6.6)
             loss = loss / cfg.guidance
         (loss / layout.accumulation).backward()
-        pretrain = {}
-        if self.pretrain is not None:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                fm = self._pretraining_loss(qs)
-            (cfg.pretraining() * fm / layout.accumulation).backward()
-            pretrain = {"diag:pretrain_loss": float(fm.detach())}
-        heldout = self.heldout if self._heldout_due() else {}
-        with torch.no_grad():
-            sums = {"reward": float(r.sum()), **{f"heldout/{n}": float(h(images.detach(), scored).sum())
-                                                  for n, h in heldout.items()}}
+        pretrain = self._pretrain_backward(qs)
+        sums = self._scores(r, images, scored)
         diag = out.diagnostics()
         self.plan_info = {k: v for k, v in diag.items() if not isinstance(v, (int, float))}  # the plan: same on all
         numeric = {f"diag:{k}": float(v) for k, v in diag.items() if isinstance(v, (int, float))}
         return loss.detach(), {**sums, **numeric, **pretrain}, len(scored)
+
+    def _policy_micro_batch(self, denoiser, prompts: list[str], x0: torch.Tensor, cond, qs: list[int]):
+        """A policy-gradient micro-batch (``flowbp_ops.policy.step``): G consecutive slots share a prompt."""
+        from flowbp_ops.policy.step import PolicyStep
+
+        cfg, backbone, g = self.cfg, self.backbone, self.policy.group_size
+        prompts = [prompts[i - i % g] for i in range(len(prompts))]
+        cond = backbone.conditioning(prompts, cfg.guidance)
+        step = PolicyStep(self.policy, self.sigmas, backbone.transformer, cfg.finetune == "lora")
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss, diag, images, r = step(self._plain, denoiser, lambda y: backbone.decode(y, dtype=self.state_dtype),
+                                         self.reward, prompts, x0, cond, batches.sample_seeds(cfg.seed, self.step, qs),
+                                         batches.plan_seed(cfg.seed, self.step), 1.0 / self.layout.accumulation)
+        pretrain = self._pretrain_backward(qs)
+        self.plan_info = {"mode": self.policy.family}
+        return loss, {**self._scores(r, images, prompts), **{f"diag:{k}": v for k, v in diag.items()}, **pretrain}, \
+            len(prompts)
+
+    def _pretrain_backward(self, qs: list[int]) -> dict[str, float]:
+        """The default world's regulariser (ReFL's pre-training loss), for every method alike."""
+        if self.pretrain is None:
+            return {}
+        cfg = self.cfg
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            fm = self._pretraining_loss(qs)
+        (cfg.pretraining() * fm / self.layout.accumulation).backward()
+        return {"diag:pretrain_loss": float(fm.detach())}
+
+    def _scores(self, r: torch.Tensor, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        """Summed training reward and (when due) held-out rewards of a micro-batch's images."""
+        heldout = self.heldout if self._heldout_due() else {}
+        with torch.no_grad():
+            return {"reward": float(r.sum()), **{f"heldout/{n}": float(h(images.detach(), prompts).sum())
+                                                 for n, h in heldout.items()}}
 
     def _heldout_due(self) -> bool:
         done = self.step + 1  # steps done once this one is
@@ -269,15 +306,16 @@ class Trainer:
         run_dir = Path(run_dir)
         from flowbp_ops.training.fast_rollout import fast_denoiser
 
-        denoiser = fast_denoiser(self.backbone.denoiser(cfg.guidance), self.backbone.transformer,
-                                 self.method.execution)
+        self._plain = self.backbone.denoiser(cfg.guidance)
+        denoiser = fast_denoiser(self._plain, self.backbone.transformer, self.method.execution)
         bad, last, told = 0, {}, 0
         while self.step < cfg.steps:
             step = self.step
             if stop_after is not None and step >= stop_after:
                 break
             t0 = time.perf_counter()
-            plan = build_plan(self.method, self.sigmas, seed=batches.plan_seed(cfg.seed, step))
+            plan = None if self.policy else build_plan(self.method, self.sigmas,
+                                                       seed=batches.plan_seed(cfg.seed, step))
             self.opt.zero_grad(set_to_none=True)
             loss_sum, totals, n_scored = 0.0, {}, 0
             for micro in range(layout.accumulation):

@@ -1,0 +1,1 @@
+"""The policy-gradient family beside reward backpropagation: Flow-GRPO and DiffusionNFT (issue 16)."""

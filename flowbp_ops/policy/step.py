@@ -1,0 +1,170 @@
+"""One micro-batch of a policy-gradient method: sample G images per prompt, score them, backpropagate the objective.
+
+The trainer (``training.loop``) owns everything around it — data order, micro-batches, processes, clipping, AdamW,
+EMA, checkpoints, resume — exactly as for the direct-gradient methods; this module only replaces the surrogate step.
+Every draw (the SDE's noise, which steps are stochastic or trained, the forward-process σ and ε) is a function of
+(seed, step, slot), so a run resumes exactly and is the same on any number of processes.
+
+* **Flow-GRPO**: the sampler is the SDE at the chosen steps and the ODE elsewhere; the SDE steps run on the very
+  function the training forward uses (no merged weights there), so the ratio is exactly 1 on policy. The ODE steps
+  take the fast no-grad path. Training re-forwards each trained SDE step with gradient through the guided velocity
+  (both CFG branches), one backward per step (memory of one forward).
+* **DiffusionNFT**: ODE sampling (the fast path), then for each trained σ the conditional velocity alone (no CFG)
+  of the current weights with and without gradient, on the forward process of the generated image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowbp_ops.policy.config import PolicyConfig
+from flowbp_ops.policy.objectives import (
+    clipped_objective,
+    gaussian_kl,
+    gaussian_log_prob,
+    group_advantages,
+    nft_loss,
+    nft_optimality,
+    sde_mean_std,
+)
+from flowbp_ops.surrogate.rollout import CFGCond, Denoiser, euler_step
+
+
+@contextlib.contextmanager
+def reference(transformer: torch.nn.Module):
+    """The base model: the LoRA adapter switched off (diffusers' peft integration), switched back on after."""
+    transformer.disable_lora()
+    try:
+        yield
+    finally:
+        transformer.enable_lora()
+
+
+def _generators(seeds: list[int], salt: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s) ^ salt) for s in seeds]
+
+
+def _draw(gens: list[torch.Generator], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(like.device, like.dtype)
+
+
+@dataclasses.dataclass
+class PolicyStep:
+    cfg: PolicyConfig
+    sigmas: np.ndarray  # σ_0..σ_N
+    transformer: torch.nn.Module
+    kl_reference: bool  # a LoRA run: the reference is the adapter switched off
+
+    def steps(self, plan_seed: int) -> tuple[list[int], list[int]]:
+        """(SDE steps, trained steps) of this optimizer step: the same on every process and micro-batch."""
+        rng = np.random.default_rng(plan_seed)
+        n = len(self.sigmas) - 1
+        candidates = list(range(1, n))  # σ_0 = 1: no finite SDE noise there
+        w = self.cfg.sde_window
+        if w is not None:  # Flow-GRPO-Fast: a window in the first half, where the image's layout is decided
+            start = int(rng.integers(1, max(1, n // 2 - w + 1) + 1))
+            candidates = list(range(start, min(start + w, n)))
+        k = self.cfg.train_steps
+        trained = sorted(rng.choice(candidates, size=min(k, len(candidates)), replace=False).tolist()) \
+            if k is not None else candidates
+        return candidates, trained
+
+    def __call__(self, denoiser: Denoiser, fast: Denoiser, decode, reward, prompts: list[str], x0: torch.Tensor,
+                 cond: Any, seeds: list[int], plan_seed: int, scale: float) -> tuple:
+        """Backpropagate ``scale`` × this micro-batch's objective; returns (loss, diagnostics, images, rewards)."""
+        if self.cfg.family == "flow_grpo":
+            return self._grpo(denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale)
+        return self._nft(denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale)
+
+    def _advantages(self, r: torch.Tensor) -> torch.Tensor:
+        return group_advantages(r.detach(), self.cfg.group_size).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
+
+    # -- Flow-GRPO ---------------------------------------------------------------------------------------------
+    def _grpo(self, denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale):
+        cfg, sig = self.cfg, self.sigmas
+        den = dataclasses.replace(denoiser, detach_neg=False)  # π_θ's mean goes through both CFG branches
+        sde, trained = self.steps(plan_seed)
+        gens = _generators(seeds, 0x5DE)
+        xs, logp_old, stds = [x0.detach()], {}, {}
+        with torch.no_grad():
+            for i in range(len(sig) - 1):
+                x = xs[-1]
+                if i in sde:
+                    mean, std = sde_mean_std(x, den(x, float(sig[i]), cond).float(), float(sig[i]),
+                                             float(sig[i + 1]), cfg.noise_level)
+                    x_next = (mean + std * _draw(gens, tuple(x.shape[1:]), mean)).to(x.dtype)
+                    logp_old[i], stds[i] = gaussian_log_prob(x_next.float(), mean, std), std
+                else:
+                    x_next = euler_step(x, float(sig[i + 1] - sig[i]), fast(x, float(sig[i]), cond))
+                xs.append(x_next)
+            images = decode(xs[-1])
+            r = reward(images, prompts).float()
+        adv = self._advantages(r)
+        total, ratios, clipped, kls = 0.0, [], [], []
+        for j in trained:
+            x, x_next, std = xs[j], xs[j + 1].float(), stds[j]
+            with torch.enable_grad():
+                mean, _ = sde_mean_std(x, den(x, float(sig[j]), cond).float(), float(sig[j]), float(sig[j + 1]),
+                                       cfg.noise_level)
+                loss, ratio = clipped_objective(gaussian_log_prob(x_next, mean, std), logp_old[j], adv, cfg.clip)
+                if cfg.kl and self.kl_reference:
+                    with torch.no_grad(), reference(self.transformer):
+                        ref, _ = sde_mean_std(x, den(x, float(sig[j]), cond).float(), float(sig[j]),
+                                              float(sig[j + 1]), cfg.noise_level)
+                    kl = gaussian_kl(mean, ref, std).mean()
+                    loss = loss + cfg.kl * kl
+                    kls.append(float(kl.detach()))
+                (scale * loss / len(trained)).backward()
+            total += float(loss.detach()) / len(trained)
+            ratios.append(ratio.detach())
+            clipped.append(((ratio - 1).abs() > cfg.clip).float().mean())
+        ratio = torch.cat(ratios)
+        diag = {"ratio_mean": float(ratio.mean()), "ratio_max_dev": float((ratio - 1).abs().max()),
+                "clip_fraction": float(torch.stack(clipped).mean()), "sde_steps": float(len(sde)),
+                "trained_steps": float(len(trained)), "adv_abs": float(adv.abs().mean()),
+                **({"kl": sum(kls) / len(kls)} if kls else {})}
+        return torch.tensor(total), diag, images, r
+
+    # -- DiffusionNFT ------------------------------------------------------------------------------------------
+    def _nft(self, denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale):
+        cfg, sig = self.cfg, self.sigmas
+        with torch.no_grad():
+            x = x0.detach()
+            for i in range(len(sig) - 1):
+                x = euler_step(x, float(sig[i + 1] - sig[i]), fast(x, float(sig[i]), cond))
+            images = decode(x)
+            r = reward(images, prompts).float()
+        opt = nft_optimality(self._advantages(r), cfg.adv_clip)
+        rng = np.random.default_rng(plan_seed)
+        times = rng.choice(np.arange(1, len(sig) - 1), size=min(cfg.nft_timesteps, len(sig) - 2), replace=False)
+        pos = cond.pos if isinstance(cond, CFGCond) else cond  # no CFG at training: the conditional velocity
+        model, gens = denoiser.model, _generators(seeds, 0x4F7)
+        x_img = x.float()
+        total, kls = 0.0, []
+        for t in sorted(times.tolist()):
+            s = float(sig[t])
+            eps = _draw(gens, tuple(x.shape[1:]), x_img)
+            xt = ((1 - s) * x_img + s * eps).to(x.dtype)
+            target = eps - x_img
+            sv = torch.full((x.shape[0],), s, device=x.device)
+            with torch.no_grad():
+                v_old = model(xt, sv, pos).float()
+            with torch.enable_grad():
+                v = model(xt, sv, pos).float()
+                loss = nft_loss(v, v_old, target, opt.to(v.device), cfg.beta)
+                if cfg.kl and self.kl_reference:
+                    with torch.no_grad(), reference(self.transformer):
+                        v_ref = model(xt, sv, pos).float()
+                    kl = ((v - v_ref) ** 2).mean()
+                    loss = loss + cfg.kl * kl
+                    kls.append(float(kl.detach()))
+                (scale * loss / len(times)).backward()
+            total += float(loss.detach()) / len(times)
+        diag = {"nft_r_mean": float(opt.mean()), "trained_steps": float(len(times)),
+                **({"kl": sum(kls) / len(kls)} if kls else {})}
+        return torch.tensor(total), diag, images, r
