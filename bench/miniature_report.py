@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 JUDGE = "geneval/overall"
+POLICY = ("flow_grpo", "flow_grpo_fast", "diffusion_nft")  # bench/miniature.py's policy-gradient methods
 COLUMNS = [(JUDGE, "judge (GenEval overall)"), ("reward/align", "align (train)"), ("reward/align_heldout",
            "align_heldout"), ("reward/quality", "quality"), ("reward/quality_heldout", "quality_heldout")]
 CURVE = "ema_eval/geneval/overall"
@@ -78,8 +79,10 @@ def report(out: Path, order: list[str]) -> dict:
         rs = by[v]
         cells = [_ms([r["eval"][k] for r in rs]) for k, _ in COLUMNS]
         tr = [r for r in rs if "curve" in r]
-        cells += ([f"{statistics.fmean(r['time_step'] for r in tr):.2f}", _ms([r["fidelity"]["cosine"] for r in tr]),
-                   _ms([r["fidelity"]["norm_ratio"] for r in tr])] if tr else ["—"] * 3)
+        fid = [r for r in tr if r.get("fidelity")]
+        cells += ([f"{statistics.fmean(r['time_step'] for r in tr):.2f}"] if tr else ["—"]) + \
+                 ([_ms([r["fidelity"]["cosine"] for r in fid]), _ms([r["fidelity"]["norm_ratio"] for r in fid])]
+                  if fid else ["—"] * 2)
         lines.append(f"| `{v}` ({len(rs)} seed{'s' * (len(rs) > 1)}) | " + " | ".join(cells) + " |")
         summary[v] = {k: statistics.fmean(r["eval"][k] for r in rs) for k, _ in COLUMNS}
     tables = {"equal_steps": "\n".join(lines)}
@@ -100,7 +103,28 @@ def report(out: Path, order: list[str]) -> dict:
                 a is not None for a in at) else None
         tables["equal_time"] = "\n".join(lines)
 
-    # paired tests: each FlowBP variant against every baseline; and the ablations against their method
+    # matched compute: the policy-gradient family beside the direct-gradient one, per image, per forward, per second
+    if any(v in POLICY for v in trained):
+        main = [v for v in trained if "@" not in v]
+        budget_f = min(_judge_by_forwards(r)[-1][0] for v in main for r in by[v])
+        lines = [f"| variant | family | forwards per image per step | s/step | judge at {budget_f:.0f} forwards per "
+                 f"image | judge at {budget:.0f} s | judge at the last step (equal images) |",
+                 "|---|---|---|---|---|---|---|"]
+        for v in main:
+            fw = statistics.fmean(statistics.fmean(_forwards(c, r) for c in r["curve"]) for r in by[v])
+            at_f = [_interp(_judge_by_forwards(r), budget_f) for r in by[v]]
+            at_t = [at_time(r["curve"], budget) for r in by[v]]
+            last = [next(c[CURVE] for c in reversed(r["curve"]) if CURVE in c) for r in by[v]]
+            family = "policy gradient" if v in POLICY else "direct gradient"
+            lines.append(f"| `{v}` | {family} | {fw:.0f} | {statistics.fmean(r['time_step'] for r in by[v]):.2f} | "
+                         f"{_ms([a for a in at_f if a is not None])} | {_ms([a for a in at_t if a is not None])} | "
+                         f"{_ms(last)} |")
+            summary[v]["judge_at_equal_forwards"] = statistics.fmean(a for a in at_f if a is not None) \
+                if any(a is not None for a in at_f) else None
+        tables["matched_compute"] = "\n".join(lines)
+
+    # paired tests: each FlowBP variant against every baseline and every policy method; the ablations against their
+    # method
     tests = {}
     flowbp = [v for v in trained if v.startswith("flowbp") and "@" not in v]
     for a in flowbp:
@@ -132,6 +156,34 @@ def report(out: Path, order: list[str]) -> dict:
     return {"summary": summary, "paired": tests}
 
 
+def _forwards(row: dict, run: dict) -> float:
+    """Velocity evaluations per image of one step (recorded by the trainer; runs from before the counter: the
+    one-pass rollout's N plus DRaFT-LV's copies)."""
+    if "forwards" in row:
+        return row["forwards"]
+    cfg = run["config"]
+    return cfg["rollout_steps"] + (2 if cfg["method"] == "draft_lv" else 0)
+
+
+def _judge_by_forwards(run: dict) -> list[tuple[float, float]]:
+    """(cumulative forwards per image, EMA judge) at each of a run's evaluations."""
+    pts, total = [], 0.0
+    for c in run["curve"]:
+        total += _forwards(c, run)
+        if CURVE in c:
+            pts.append((total, c[CURVE]))
+    return pts
+
+
+def _interp(pts: list[tuple[float, float]], x: float) -> float | None:
+    if not pts or x < pts[0][0]:
+        return None
+    for (x0, v0), (x1, v1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return v0 + (v1 - v0) * (x - x0) / max(x1 - x0, 1e-9)
+    return pts[-1][1]
+
+
 def _subset(rows: list[dict]) -> int:
     return next(r["config"]["ema_eval_prompts"] for r in rows if "config" in r)
 
@@ -156,11 +208,12 @@ def _plt():
 
 def _plot_curves(by: dict[str, list[dict]], path: Path) -> None:
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    policy = any(v in POLICY for v in by)
+    fig, axes = plt.subplots(1, 4 if policy else 3, figsize=(21 if policy else 16, 4.4))
     for v, rs in by.items():
         if "@" in v:
             continue
-        style = dict(lw=2 if v.startswith("flowbp") else 1, label=v)
+        style = dict(lw=2 if v.startswith("flowbp") else 1, label=v, ls="--" if v in POLICY else "-")
         pts = [[(c["step"] + 1, c[CURVE]) for c in r["curve"] if CURVE in c] for r in rs]
         n = min(len(p) for p in pts)
         steps = [pts[0][i][0] for i in range(n)]
@@ -172,10 +225,17 @@ def _plot_curves(by: dict[str, list[dict]], path: Path) -> None:
         reward = [statistics.fmean(r["curve"][i]["reward"] for r in rs) for i in range(m)]
         smooth = [statistics.fmean(reward[max(0, i - 9): i + 1]) for i in range(m)]
         axes[2].plot(range(1, m + 1), smooth, **style)
+        if policy:
+            pts = [_judge_by_forwards(r) for r in rs]
+            n = min(len(p) for p in pts)
+            axes[3].plot([statistics.fmean(p[i][0] for p in pts) for i in range(n)],
+                         [statistics.fmean(p[i][1] for p in pts) for i in range(n)], **style)
     axes[0].set(title=f"held-out judge (EMA, {_subset([r for rs in by.values() for r in rs])} prompts) vs step",
                 xlabel="step")
     axes[1].set(title="held-out judge vs training wall-clock", xlabel="seconds (1 thread)")
     axes[2].set(title="training reward (batch mean, 10-step average)", xlabel="step")
+    if policy:
+        axes[3].set(title="held-out judge vs model forwards", xlabel="velocity evaluations per image (cumulative)")
     axes[0].legend(fontsize=7)
     fig.suptitle("default world, mean over seeds", fontsize=9)
     fig.tight_layout()

@@ -124,7 +124,9 @@ class PolicyStep:
             ratios.append(ratio.detach())
             clipped.append(((ratio - 1).abs() > cfg.clip).float().mean())
         ratio = torch.cat(ratios)
-        diag = {"ratio_mean": float(ratio.mean()), "ratio_max_dev": float((ratio - 1).abs().max()),
+        forwards = len(sig) - 1 + len(trained) * (1 + bool(kls))  # velocity evaluations per image
+        diag = {"forwards": float(forwards), "ratio_mean": float(ratio.mean()),
+                "ratio_max_dev": float((ratio - 1).abs().max()),
                 "clip_fraction": float(torch.stack(clipped).mean()), "sde_steps": float(len(sde)),
                 "trained_steps": float(len(trained)), "adv_abs": float(adv.abs().mean()),
                 **({"kl": sum(kls) / len(kls)} if kls else {})}
@@ -165,6 +167,7 @@ class PolicyStep:
                     kls.append(float(kl.detach()))
                 (scale * loss / len(times)).backward()
             total += float(loss.detach()) / len(times)
-        diag = {"nft_r_mean": float(opt.mean()), "trained_steps": float(len(times)),
+        diag = {"forwards": float(len(sig) - 1 + len(times) * (2 + bool(kls))), "nft_r_mean": float(opt.mean()),
+                "trained_steps": float(len(times)),
                 **({"kl": sum(kls) / len(kls)} if kls else {})}
         return torch.tensor(total), diag, images, r

@@ -240,6 +240,8 @@ class Trainer:
         pretrain = self._pretrain_backward(qs)
         sums = self._scores(r, images, scored)
         diag = out.diagnostics()
+        # velocity evaluations per image (a CFG pair counted once; backward passes not counted): matched compute
+        diag["forwards"] = plan.rollout_steps + (plan.lv_copies if out.mode == "one_pass" else out.grad_forwards)
         self.plan_info = {k: v for k, v in diag.items() if not isinstance(v, (int, float))}  # the plan: same on all
         numeric = {f"diag:{k}": float(v) for k, v in diag.items() if isinstance(v, (int, float))}
         return loss.detach(), {**sums, **numeric, **pretrain}, len(scored)
