@@ -95,10 +95,31 @@ def test_policy_settings_are_refused_with_the_field_named(world, prompts):
         get_policy("flow_grpo", ["policy.nosuch=1"])
     with pytest.raises(ConfigError, match="policy.clip"):
         get_policy("flow_grpo", ["policy.clip=2"])
-    with pytest.raises(ConfigError, match="needs LoRA"):
-        Trainer(small("flow_grpo", finetune="full"), backbone(world), prompts, reward_kwargs={"world_dir": world})
-    Trainer(small("flow_grpo", finetune="full", method_overrides=["policy.group_size=2", "policy.kl=0"]),
-            backbone(world), prompts, reward_kwargs={"world_dir": world})  # full fine-tuning without the KL
+    with pytest.raises(ConfigError, match="policy.sde_window=9 is invalid: allowed is 1..5"):
+        Trainer(small("flow_grpo", method_overrides=["policy.group_size=2", "policy.sde_window=9"]), bb, prompts,
+                reward_kwargs={"world_dir": world})
+
+
+@pytest.mark.parametrize("method", ["flow_grpo_fast", "diffusion_nft"])
+def test_full_fine_tuning_keeps_a_reference_copy_for_the_kl(world, prompts, tmp_path, method):
+    """Full fine-tuning: the KL's reference is a copy of the starting weights, swapped in for the reference
+    forwards and out again bit for bit; at the first step the model is its own reference (KL 0), later not."""
+    from flowbp_ops.policy.step import WeightsReference
+
+    bb = backbone(world)
+    keep = Keep()
+    cfg = small(method, finetune="full", steps=3, lr=1e-3, method_overrides=["policy.group_size=2", "policy.kl=0.5"])
+    train(cfg, bb, prompts, tmp_path, callbacks=[keep], reward_kwargs={"world_dir": world})
+    kls = [row["kl"] for row in keep.rows]
+    assert kls[0] == 0.0 and kls[-1] > 0
+    params = [p for p in bb.transformer.parameters()]
+    ref = WeightsReference(params[:3])
+    with torch.no_grad():
+        params[0].add_(1.0)
+    now = [p.detach().clone() for p in params[:3]]
+    with ref():
+        assert torch.equal(params[0], ref.start[0])
+    assert all(torch.equal(p, n) for p, n in zip(params[:3], now))
 
 
 def test_the_pipeline_trains_evaluates_and_compares_both_families(world, tmp_path):

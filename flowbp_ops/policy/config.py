@@ -30,8 +30,9 @@ class PolicyConfig(BaseModel):
     train_steps: int | None = Field(None, ge=1, description="Flow-GRPO: SDE steps trained per image (a random "
                                     "subset, the paper's fewer training than sampling steps); None: all")
     clip: float = Field(1e-4, gt=0, lt=1, description="Flow-GRPO: the ratio's clip range 1 ± clip")
-    kl: float = Field(0.04, ge=0, description="KL penalty to the reference (the base model): Flow-GRPO per-step "
-                      "Gaussian KL, NFT velocity MSE; 0 = off (LoRA only: the reference is the adapter switched off)")
+    kl: float = Field(0.04, ge=0, description="KL penalty to the reference (the base model: the LoRA adapter "
+                      "switched off, or a copy of the starting weights when fine-tuning fully): Flow-GRPO per-step "
+                      "Gaussian KL, NFT velocity MSE; 0 = off")
     # DiffusionNFT
     beta: float = Field(1.0, gt=0, description="DiffusionNFT: the implicit policies v± = v_old ± β(v_θ − v_old)")
     nft_timesteps: int = Field(2, ge=1, description="DiffusionNFT: forward-process times σ trained per image")

@@ -36,13 +36,36 @@ from flowbp_ops.surrogate.rollout import CFGCond, Denoiser, euler_step
 
 
 @contextlib.contextmanager
-def reference(transformer: torch.nn.Module):
+def lora_reference(transformer: torch.nn.Module):
     """The base model: the LoRA adapter switched off (diffusers' peft integration), switched back on after."""
     transformer.disable_lora()
     try:
         yield
     finally:
         transformer.enable_lora()
+
+
+class WeightsReference:
+    """Full fine-tuning's reference: a frozen copy of the starting weights (one more copy of the trained weights in
+    memory), swapped in for the no-grad reference forwards. The swap writes the parameters in place, so every step
+    runs its reference forward before the gradient forward that saves them."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.start = [p.detach().clone() for p in params]
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.start):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, c in zip(self.params, current):
+                    p.copy_(c)
 
 
 def _generators(seeds: list[int], salt: int) -> list[torch.Generator]:
@@ -57,8 +80,7 @@ def _draw(gens: list[torch.Generator], shape: tuple[int, ...], like: torch.Tenso
 class PolicyStep:
     cfg: PolicyConfig
     sigmas: np.ndarray  # σ_0..σ_N
-    transformer: torch.nn.Module
-    kl_reference: bool  # a LoRA run: the reference is the adapter switched off
+    reference: Any  # a context factory in which the model computes as the reference (None: no KL term)
 
     def steps(self, plan_seed: int) -> tuple[list[int], list[int]]:
         """(SDE steps, trained steps) of this optimizer step: the same on every process and micro-batch."""
@@ -106,16 +128,18 @@ class PolicyStep:
             r = reward(images, prompts).float()
         adv = self._advantages(r)
         total, ratios, clipped, kls = 0.0, [], [], []
+        use_kl = bool(cfg.kl) and self.reference is not None
         for j in trained:
             x, x_next, std = xs[j], xs[j + 1].float(), stds[j]
+            if use_kl:  # before the gradient forward: a full fine-tune's reference swaps the weights in place
+                with torch.no_grad(), self.reference():
+                    ref, _ = sde_mean_std(x, den(x, float(sig[j]), cond).float(), float(sig[j]), float(sig[j + 1]),
+                                          cfg.noise_level)
             with torch.enable_grad():
                 mean, _ = sde_mean_std(x, den(x, float(sig[j]), cond).float(), float(sig[j]), float(sig[j + 1]),
                                        cfg.noise_level)
                 loss, ratio = clipped_objective(gaussian_log_prob(x_next, mean, std), logp_old[j], adv, cfg.clip)
-                if cfg.kl and self.kl_reference:
-                    with torch.no_grad(), reference(self.transformer):
-                        ref, _ = sde_mean_std(x, den(x, float(sig[j]), cond).float(), float(sig[j]),
-                                              float(sig[j + 1]), cfg.noise_level)
+                if use_kl:
                     kl = gaussian_kl(mean, ref, std).mean()
                     loss = loss + cfg.kl * kl
                     kls.append(float(kl.detach()))
@@ -154,14 +178,16 @@ class PolicyStep:
             xt = ((1 - s) * x_img + s * eps).to(x.dtype)
             target = eps - x_img
             sv = torch.full((x.shape[0],), s, device=x.device)
+            use_kl = bool(cfg.kl) and self.reference is not None
             with torch.no_grad():
                 v_old = model(xt, sv, pos).float()
+                if use_kl:  # before the gradient forward (see WeightsReference)
+                    with self.reference():
+                        v_ref = model(xt, sv, pos).float()
             with torch.enable_grad():
                 v = model(xt, sv, pos).float()
                 loss = nft_loss(v, v_old, target, opt.to(v.device), cfg.beta)
-                if cfg.kl and self.kl_reference:
-                    with torch.no_grad(), reference(self.transformer):
-                        v_ref = model(xt, sv, pos).float()
+                if use_kl:
                     kl = ((v - v_ref) ** 2).mean()
                     loss = loss + cfg.kl * kl
                     kls.append(float(kl.detach()))

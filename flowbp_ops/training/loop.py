@@ -93,9 +93,6 @@ class Trainer:
         self.policy = get_policy(cfg.method, cfg.method_overrides) if is_policy(cfg.method) else None
         if self.policy is not None:  # the policy-gradient family (flowbp_ops.policy): no surrogate plan
             self.policy.check(cfg.rollout_steps, cfg.batch)
-            if self.policy.kl and cfg.finetune != "lora":
-                raise ConfigError(f"policy.kl={self.policy.kl} needs LoRA (the reference model is the adapter "
-                                  "switched off); set policy.kl=0 for full fine-tuning")
             self.method = get_method("custom", cfg.backbone, cfg.rollout_steps)  # execution settings only
         else:
             self.method = get_method(cfg.method, cfg.backbone, cfg.rollout_steps, cfg.method_overrides)
@@ -130,6 +127,12 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                      weight_decay=cfg.weight_decay)
         self.ema = EMA(self.params, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None
+        self.reference = None  # the policy methods' KL reference: the adapter switched off, or the starting weights
+        if self.policy is not None and self.policy.kl:
+            from flowbp_ops.policy.step import WeightsReference, lora_reference
+
+            tr = backbone.transformer
+            self.reference = (lambda: lora_reference(tr)) if cfg.finetune == "lora" else WeightsReference(self.params)
         self.step, self.skipped = 0, 0
         self.runtime = Runtime()  # checkpointing and the auto mode, measured on the first steps
         self.checkpoint_hooks: list = []  # called on rank 0 with the run folder after each checkpoint (a push)
@@ -253,7 +256,7 @@ class Trainer:
         cfg, backbone, g = self.cfg, self.backbone, self.policy.group_size
         prompts = [prompts[i - i % g] for i in range(len(prompts))]
         cond = backbone.conditioning(prompts, cfg.guidance)
-        step = PolicyStep(self.policy, self.sigmas, backbone.transformer, cfg.finetune == "lora")
+        step = PolicyStep(self.policy, self.sigmas, self.reference)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss, diag, images, r = step(self._plain, denoiser, lambda y: backbone.decode(y, dtype=self.state_dtype),
                                          self.reward, prompts, x0, cond, batches.sample_seeds(cfg.seed, self.step, qs),
