@@ -3,6 +3,8 @@ where memory allows).
 
     python bench/gpu_fullsize.py --arch sd35 --out bench/results/gpu_sd35.json     # ~6 min on an H100/H200
     python bench/gpu_fullsize.py --arch flux2 --out bench/results/gpu_flux2.json   # real CFG, batch 2
+    python bench/gpu_fullsize.py --arch sd35 --policy --methods flowbp_bridge --out bench/results/gpu_policy_sd35.json
+        # the policy-gradient family beside FlowBP at full size: step time, memory, forwards per image
     python bench/gpu_fullsize.py --arch sd35 --structure --out bench/results/gpu_structure_sd35.json
         # the authors' structure vs flowbp's execution (merged, compiled + CUDA graphs, batched) for
         # Sparse / Bridge / Lagrange, as bench/step_speed.py on CPU
@@ -119,6 +121,65 @@ def build(arch: str, device: str, smoke: bool = False):
     return model, den, x0, conditioning
 
 
+def policy_rows(args, model, den, x0, cond, params, u, sync_time, cuda) -> list[dict]:
+    """Wall time, peak memory and velocity evaluations per image of one training step of every policy-gradient
+    method and of ``--methods``' direct-gradient ones, on the same model and inputs (the reward: a fixed random
+    differentiable function of the endpoint latent, the decode left out as for the other rows)."""
+    from flowbp_ops.policy.config import POLICY_METHODS, get_policy
+    from flowbp_ops.policy.step import PolicyStep, lora_reference
+    from flowbp_ops.surrogate.rollout import repeat_cond
+
+    device = x0.device.type
+    if x0.shape[0] < 2:  # FLUX.1's batch of 1: a group needs two images (another draw of the noise)
+        g = torch.Generator(device).manual_seed(7)
+        px0 = torch.cat([x0, torch.randn(x0.shape, device=x0.device, generator=g, dtype=x0.dtype)])
+        pcond = repeat_cond(cond, 2)
+    else:
+        px0, pcond = x0, cond
+    rows = []
+    for n in args.steps:
+        sigmas = get_schedule(args.arch).sigmas(n, 512)
+        jobs = [(m, None) for m in POLICY_METHODS] + [(m, "bp") for m in args.methods if m != "custom"]
+        for method, family in jobs:
+            times, peaks, forwards = [], [], 0.0
+            for seed in range(args.repeats + 1):
+                if family is None:
+                    policy = get_policy(method, [f"policy.group_size={px0.shape[0]}"])
+                    step = PolicyStep(policy, sigmas, lambda: lora_reference(model))
+
+                    def run():
+                        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                            return step(den, den, lambda y: y, lambda y, _p: -torch.tanh(y.float() * u).flatten(1)
+                                        .mean(1), ["p"] * px0.shape[0], px0, pcond, list(range(px0.shape[0])), seed,
+                                        1.0)
+                else:
+                    plan = build_plan(get_method(method, args.arch, n), sigmas, seed)
+
+                    def run():
+                        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                            out = surrogate_step(den, plan, x0, cond)
+                            loss = (out.w * -torch.tanh(out.y.float() * u).flatten(1).mean(1)).mean()
+                        torch.autograd.grad(loss, params, allow_unused=True)
+                        return None, {"forwards": plan.rollout_steps + plan.lv_copies}, None, None
+
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                holder = {}
+                dt = sync_time(lambda: holder.update(out=run()))
+                for p in params:
+                    p.grad = None
+                if seed == 0:
+                    continue  # warm-up
+                times.append(dt)
+                peaks.append(torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+                forwards = holder["out"][1]["forwards"]
+            row = {"method": method, "family": "policy gradient" if family is None else "direct gradient", "steps": n,
+                   "step_s": statistics.median(times), "peak_gb": max(peaks), "forwards_per_image": forwards}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", choices=["sd35", "flux1", "flux2"], default="sd35")
@@ -127,6 +188,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="bench/results/gpu_fullsize.json")
     ap.add_argument("--smoke", action="store_true", help="small configs on CPU: check the script, measure nothing")
+    ap.add_argument("--policy", action="store_true",
+                    help="instead: one step of each policy-gradient method (a group of the batch's 2 images), beside "
+                    "--methods' direct-gradient steps, with forwards per image: the matched-compute numbers")
     ap.add_argument("--structure", action="store_true",
                     help="instead: the authors' structure vs flowbp's execution for Sparse/Bridge/Lagrange "
                     "(bench/step_speed.py's configurations, bf16 autocast)")
@@ -160,6 +224,14 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+    if args.policy:
+        rows = policy_rows(args, model, den, x0, cond, params, u, sync_time, cuda)
+        result = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
+                  "arch": args.arch, "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        return
 
     def fwd():
         with torch.no_grad():
