@@ -32,7 +32,7 @@ from flowbp_ops.policy.objectives import (
     nft_optimality,
     sde_mean_std,
 )
-from flowbp_ops.surrogate.rollout import CFGCond, Denoiser, euler_step
+from flowbp_ops.surrogate.rollout import CFGCond, Denoiser, euler_step, rollout
 
 
 @contextlib.contextmanager
@@ -160,9 +160,7 @@ class PolicyStep:
     def _nft(self, denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale):
         cfg, sig = self.cfg, self.sigmas
         with torch.no_grad():
-            x = x0.detach()
-            for i in range(len(sig) - 1):
-                x = euler_step(x, float(sig[i + 1] - sig[i]), fast(x, float(sig[i]), cond))
+            x = rollout(fast, x0.detach(), sig, cond, state_dtype=x0.dtype).x[-1]  # the sampler's own ODE rollout
             images = decode(x)
             r = reward(images, prompts).float()
         opt = nft_optimality(self._advantages(r), cfg.adv_clip)
