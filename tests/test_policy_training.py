@@ -62,6 +62,19 @@ def test_every_policy_method_trains_on_the_default_world(world, prompts, tmp_pat
         assert all(row["sde_steps"] == (window or 5) for row in keep.rows)
 
 
+def test_flow_grpo_inner_steps_go_off_policy_where_the_clip_acts(world, prompts, tmp_path):
+    """Two optimizer steps on each sampled batch: the first on policy (ratio exactly 1), the second on the same
+    trajectory after an update (ratio ≠ 1; with a tight clip some samples are clipped)."""
+    keep = Keep()
+    cfg = small("flow_grpo_fast", steps=4, checkpoint_every=2, lr=1e-3,
+                method_overrides=["policy.group_size=2", "policy.inner_steps=2", "policy.clip=1e-6"])
+    train(cfg, backbone(world), prompts, tmp_path, callbacks=[keep], reward_kwargs={"world_dir": world})
+    first, second = keep.rows[0::2], keep.rows[1::2]
+    assert all(r["ratio_max_dev"] == 0.0 for r in first)
+    assert all(r["ratio_max_dev"] > 0.0 for r in second) and any(r["clip_fraction"] > 0 for r in second)
+    assert [r["reward"] for r in first] == [r["reward"] for r in second]  # the same sampled batch, scored once
+
+
 @pytest.fixture
 def one_thread():
     """Exactness needs one thread: with two, some CPU kernels of this step (of the direct-gradient methods' too, at
@@ -72,9 +85,10 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("method", ["flow_grpo_fast", "diffusion_nft"])
-def test_policy_resume_is_exact(world, prompts, tmp_path, one_thread, method):
-    cfg = small(method, steps=4, checkpoint_every=2)
+@pytest.mark.parametrize("method,inner", [("flow_grpo_fast", 1), ("flow_grpo_fast", 2), ("diffusion_nft", 1)])
+def test_policy_resume_is_exact(world, prompts, tmp_path, one_thread, method, inner):
+    cfg = small(method, steps=4, checkpoint_every=2,
+                method_overrides=["policy.group_size=2"] + ([f"policy.inner_steps={inner}"] if inner > 1 else []))
     a = backbone(world)
     train(cfg, a, prompts, tmp_path / "a", reward_kwargs={"world_dir": world})
     b = backbone(world)
@@ -95,6 +109,11 @@ def test_policy_settings_are_refused_with_the_field_named(world, prompts):
         get_policy("flow_grpo", ["policy.nosuch=1"])
     with pytest.raises(ConfigError, match="policy.clip"):
         get_policy("flow_grpo", ["policy.clip=2"])
+    with pytest.raises(ConfigError, match="checkpoint_every=1 is not a multiple of policy.inner_steps=2"):
+        Trainer(small("flow_grpo", method_overrides=["policy.group_size=2", "policy.inner_steps=2"]), bb, prompts,
+                reward_kwargs={"world_dir": world})
+    with pytest.raises(ConfigError, match="policy.inner_steps=2 is invalid for DiffusionNFT"):
+        get_policy("diffusion_nft", ["policy.inner_steps=2"]).check(6, 4)
     with pytest.raises(ConfigError, match="policy.sde_window=9 is invalid: allowed is 1..5"):
         Trainer(small("flow_grpo", method_overrides=["policy.group_size=2", "policy.sde_window=9"]), bb, prompts,
                 reward_kwargs={"world_dir": world})

@@ -30,6 +30,8 @@ class PolicyConfig(BaseModel):
     train_steps: int | None = Field(None, ge=1, description="Flow-GRPO: SDE steps trained per image (a random "
                                     "subset, the paper's fewer training than sampling steps); None: all")
     clip: float = Field(1e-4, gt=0, lt=1, description="Flow-GRPO: the ratio's clip range 1 ± clip")
+    inner_steps: int = Field(1, ge=1, description="Flow-GRPO: optimizer steps on each sampled batch (the first on "
+                             "policy, ratio 1; the later ones off policy, where the clip acts)")
     kl: float = Field(0.04, ge=0, description="KL penalty to the reference (the base model: the LoRA adapter "
                       "switched off, or a copy of the starting weights when fine-tuning fully): Flow-GRPO per-step "
                       "Gaussian KL, NFT velocity MSE; 0 = off")
@@ -47,6 +49,9 @@ class PolicyConfig(BaseModel):
                 raise ConfigError(f"Flow-GRPO needs at least 2 sampling steps (train.rollout_steps={n_steps})")
             if self.sde_window is not None and self.sde_window > sde:
                 raise ConfigError(f"policy.sde_window={self.sde_window} is invalid: allowed is 1..{sde}")
+        elif self.inner_steps > 1:
+            raise ConfigError(f"policy.inner_steps={self.inner_steps} is invalid for DiffusionNFT: allowed is 1 (its "
+                              "old policy is the sampling one, recomputed each step)")
 
     def with_overrides(self, overrides: list[str] | dict | None) -> "PolicyConfig":
         if not overrides:

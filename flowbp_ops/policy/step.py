@@ -97,36 +97,25 @@ class PolicyStep:
         return candidates, trained
 
     def __call__(self, denoiser: Denoiser, fast: Denoiser, decode, reward, prompts: list[str], x0: torch.Tensor,
-                 cond: Any, seeds: list[int], plan_seed: int, scale: float) -> tuple:
-        """Backpropagate ``scale`` × this micro-batch's objective; returns (loss, diagnostics, images, rewards)."""
+                 cond: Any, seeds: list[int], plan_seed: int, scale: float, sampled: dict | None = None) -> tuple:
+        """Backpropagate ``scale`` × this micro-batch's objective; returns (loss, diagnostics, images, rewards, the
+        sampled batch). Flow-GRPO's later inner steps pass the batch an earlier step ``sampled`` (its trajectory,
+        log-probabilities under the sampling weights, advantages, prompts and conditioning) instead of sampling."""
         if self.cfg.family == "flow_grpo":
-            return self._grpo(denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale)
-        return self._nft(denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale)
+            return self._grpo(denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale, sampled)
+        return (*self._nft(denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale), None)
 
     def _advantages(self, r: torch.Tensor) -> torch.Tensor:
         return group_advantages(r.detach(), self.cfg.group_size).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
 
     # -- Flow-GRPO ---------------------------------------------------------------------------------------------
-    def _grpo(self, denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale):
+    def _grpo(self, denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale, sampled):
         cfg, sig = self.cfg, self.sigmas
         den = dataclasses.replace(denoiser, detach_neg=False)  # π_θ's mean goes through both CFG branches
-        sde, trained = self.steps(plan_seed)
-        gens = _generators(seeds, 0x5DE)
-        xs, logp_old, stds = [x0.detach()], {}, {}
-        with torch.no_grad():
-            for i in range(len(sig) - 1):
-                x = xs[-1]
-                if i in sde:
-                    mean, std = sde_mean_std(x, den(x, float(sig[i]), cond).float(), float(sig[i]),
-                                             float(sig[i + 1]), cfg.noise_level)
-                    x_next = (mean + std * _draw(gens, tuple(x.shape[1:]), mean)).to(x.dtype)
-                    logp_old[i], stds[i] = gaussian_log_prob(x_next.float(), mean, std), std
-                else:
-                    x_next = euler_step(x, float(sig[i + 1] - sig[i]), fast(x, float(sig[i]), cond))
-                xs.append(x_next)
-            images = decode(xs[-1])
-            r = reward(images, prompts).float()
-        adv = self._advantages(r)
+        if sampled is None:
+            sampled = self._sample_sde(den, fast, decode, reward, prompts, x0, cond, seeds, plan_seed)
+        xs, logp_old, stds, sde, trained = (sampled[k] for k in ("xs", "logp_old", "stds", "sde", "trained"))
+        images, r, adv, cond = sampled["images"], sampled["r"], sampled["adv"], sampled["cond"]
         total, ratios, clipped, kls = 0.0, [], [], []
         use_kl = bool(cfg.kl) and self.reference is not None
         for j in trained:
@@ -154,7 +143,30 @@ class PolicyStep:
                 "clip_fraction": float(torch.stack(clipped).mean()), "sde_steps": float(len(sde)),
                 "trained_steps": float(len(trained)), "adv_abs": float(adv.abs().mean()),
                 **({"kl": sum(kls) / len(kls)} if kls else {})}
-        return torch.tensor(total), diag, images, r
+        return torch.tensor(total), diag, images, r, sampled
+
+    def _sample_sde(self, den, fast, decode, reward, prompts, x0, cond, seeds, plan_seed) -> dict:
+        """The SDE at this step's stochastic steps (on ``den``, the training forward's own function), the ODE on
+        the fast path elsewhere; the trajectory, log-probabilities, rewards and advantages."""
+        cfg, sig = self.cfg, self.sigmas
+        sde, trained = self.steps(plan_seed)
+        gens = _generators(seeds, 0x5DE)
+        xs, logp_old, stds = [x0.detach()], {}, {}
+        with torch.no_grad():
+            for i in range(len(sig) - 1):
+                x = xs[-1]
+                if i in sde:
+                    mean, std = sde_mean_std(x, den(x, float(sig[i]), cond).float(), float(sig[i]),
+                                             float(sig[i + 1]), cfg.noise_level)
+                    x_next = (mean + std * _draw(gens, tuple(x.shape[1:]), mean)).to(x.dtype)
+                    logp_old[i], stds[i] = gaussian_log_prob(x_next.float(), mean, std), std
+                else:
+                    x_next = euler_step(x, float(sig[i + 1] - sig[i]), fast(x, float(sig[i]), cond))
+                xs.append(x_next)
+            images = decode(xs[-1])
+            r = reward(images, prompts).float()
+        return {"xs": xs, "logp_old": logp_old, "stds": stds, "sde": sde, "trained": trained, "images": images,
+                "r": r, "adv": self._advantages(r), "cond": cond, "prompts": prompts}
 
     # -- DiffusionNFT ------------------------------------------------------------------------------------------
     def _nft(self, denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale):

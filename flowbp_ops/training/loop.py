@@ -93,6 +93,10 @@ class Trainer:
         self.policy = get_policy(cfg.method, cfg.method_overrides) if is_policy(cfg.method) else None
         if self.policy is not None:  # the policy-gradient family (flowbp_ops.policy): no surrogate plan
             self.policy.check(cfg.rollout_steps, cfg.batch)
+            if cfg.checkpoint_every % self.policy.inner_steps:
+                raise ConfigError(f"train.checkpoint_every={cfg.checkpoint_every} is not a multiple of "
+                                  f"policy.inner_steps={self.policy.inner_steps}: a run resumes at a checkpoint, "
+                                  "which must start a sampled batch's inner steps")
             self.method = get_method("custom", cfg.backbone, cfg.rollout_steps)  # execution settings only
         else:
             self.method = get_method(cfg.method, cfg.backbone, cfg.rollout_steps, cfg.method_overrides)
@@ -127,6 +131,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                      weight_decay=cfg.weight_decay)
         self.ema = EMA(self.params, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None
+        self._sampled: dict[int, dict] = {}  # Flow-GRPO's sampled batch per micro-batch, for its inner steps
         self.reference = None  # the policy methods' KL reference: the adapter switched off, or the starting weights
         if self.policy is not None and self.policy.kl:
             from flowbp_ops.policy.step import WeightsReference, lora_reference
@@ -257,10 +262,16 @@ class Trainer:
         prompts = [prompts[i - i % g] for i in range(len(prompts))]
         cond = backbone.conditioning(prompts, cfg.guidance)
         step = PolicyStep(self.policy, self.sigmas, self.reference)
+        inner = self.policy.inner_steps  # Flow-GRPO: later inner steps train on the batch sampled at the first
+        reuse = self._sampled.get(qs[0]) if inner > 1 and self.step % inner else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            loss, diag, images, r = step(self._plain, denoiser, lambda y: backbone.decode(y, dtype=self.state_dtype),
-                                         self.reward, prompts, x0, cond, batches.sample_seeds(cfg.seed, self.step, qs),
-                                         batches.plan_seed(cfg.seed, self.step), 1.0 / self.layout.accumulation)
+            loss, diag, images, r, sampled = step(
+                self._plain, denoiser, lambda y: backbone.decode(y, dtype=self.state_dtype), self.reward, prompts, x0,
+                cond, batches.sample_seeds(cfg.seed, self.step, qs), batches.plan_seed(cfg.seed, self.step),
+                1.0 / self.layout.accumulation, reuse)
+        if inner > 1:
+            self._sampled[qs[0]] = sampled
+            prompts = sampled["prompts"]
         pretrain = self._pretrain_backward(qs)
         self.plan_info = {"mode": self.policy.family}
         return loss, {**self._scores(r, images, prompts), **{f"diag:{k}": v for k, v in diag.items()}, **pretrain}, \
