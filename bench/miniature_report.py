@@ -57,12 +57,7 @@ def at_time(curve: list[dict], t: float) -> float | None:
         elapsed += row.get("time_step", 0.0)
         if CURVE in row:
             pts.append((elapsed, row[CURVE]))
-    if not pts or t < pts[0][0]:
-        return None
-    for (t0, v0), (t1, v1) in zip(pts, pts[1:]):
-        if t0 <= t <= t1:
-            return v0 + (v1 - v0) * (t - t0) / max(t1 - t0, 1e-9)
-    return pts[-1][1]
+    return _interp(pts, t)
 
 
 def report(out: Path, order: list[str]) -> dict:

@@ -81,6 +81,16 @@ class PolicyStep:
     cfg: PolicyConfig
     sigmas: np.ndarray  # σ_0..σ_N
     reference: Any  # a context factory in which the model computes as the reference (None: no KL term)
+    sampled: dict[int, dict] = dataclasses.field(default_factory=dict)  # Flow-GRPO's batch per micro-batch slot
+
+    @classmethod
+    def for_run(cls, cfg: PolicyConfig, sigmas: np.ndarray, transformer: torch.nn.Module,
+                params: list[torch.nn.Parameter], lora: bool) -> "PolicyStep":
+        """A run's step; the KL's reference is the adapter switched off (LoRA) or the starting weights."""
+        reference = None
+        if cfg.kl:
+            reference = (lambda: lora_reference(transformer)) if lora else WeightsReference(params)
+        return cls(cfg, sigmas, reference)
 
     def steps(self, plan_seed: int) -> tuple[list[int], list[int]]:
         """(SDE steps, trained steps) of this optimizer step: the same on every process and micro-batch."""
@@ -97,13 +107,19 @@ class PolicyStep:
         return candidates, trained
 
     def __call__(self, denoiser: Denoiser, fast: Denoiser, decode, reward, prompts: list[str], x0: torch.Tensor,
-                 cond: Any, seeds: list[int], plan_seed: int, scale: float, sampled: dict | None = None) -> tuple:
-        """Backpropagate ``scale`` × this micro-batch's objective; returns (loss, diagnostics, images, rewards, the
-        sampled batch). Flow-GRPO's later inner steps pass the batch an earlier step ``sampled`` (its trajectory,
-        log-probabilities under the sampling weights, advantages, prompts and conditioning) instead of sampling."""
-        if self.cfg.family == "flow_grpo":
-            return self._grpo(denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale, sampled)
-        return (*self._nft(denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale), None)
+                 cond: Any, seeds: list[int], plan_seed: int, scale: float, slot: int, step: int) -> tuple:
+        """Backpropagate ``scale`` × the objective of the micro-batch starting at ``slot``; returns (loss,
+        diagnostics, images, rewards, prompts scored). Flow-GRPO's later inner steps train on the batch the cycle's
+        first step sampled (its trajectory, log-probabilities under the sampling weights, advantages, prompts and
+        conditioning) instead of sampling."""
+        if self.cfg.family != "flow_grpo":
+            return (*self._nft(denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale), prompts)
+        inner = self.cfg.inner_steps
+        reuse = self.sampled.get(slot) if inner > 1 and step % inner else None
+        out = self._grpo(denoiser, fast, decode, reward, prompts, x0, cond, seeds, plan_seed, scale, reuse)
+        if inner > 1:
+            self.sampled[slot] = out[-1]
+        return (*out[:-1], out[-1]["prompts"])
 
     def _advantages(self, r: torch.Tensor) -> torch.Tensor:
         return group_advantages(r.detach(), self.cfg.group_size).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)

@@ -131,13 +131,11 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                      weight_decay=cfg.weight_decay)
         self.ema = EMA(self.params, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None
-        self._sampled: dict[int, dict] = {}  # Flow-GRPO's sampled batch per micro-batch, for its inner steps
-        self.reference = None  # the policy methods' KL reference: the adapter switched off, or the starting weights
-        if self.policy is not None and self.policy.kl:
-            from flowbp_ops.policy.step import WeightsReference, lora_reference
+        if self.policy is not None:
+            from flowbp_ops.policy.step import PolicyStep
 
-            tr = backbone.transformer
-            self.reference = (lambda: lora_reference(tr)) if cfg.finetune == "lora" else WeightsReference(self.params)
+            self.policy_step = PolicyStep.for_run(self.policy, self.sigmas, backbone.transformer, self.params,
+                                                  lora=cfg.finetune == "lora")
         self.step, self.skipped = 0, 0
         self.runtime = Runtime()  # checkpointing and the auto mode, measured on the first steps
         self.checkpoint_hooks: list = []  # called on rank 0 with the run folder after each checkpoint (a push)
@@ -224,6 +222,8 @@ class Trainer:
         cfg, backbone, layout = self.cfg, self.backbone, self.layout
         qs = batches.slots(layout, micro, self.dist.rank)
         prompts = [self.prompts[i] for i in batches.prompt_indices(cfg.seed, self.step, layout, qs, len(self.prompts))]
+        if self.policy is not None:  # a policy method's G consecutive slots share a prompt
+            prompts = [prompts[i - i % self.policy.group_size] for i in range(len(prompts))]
         x0 = batches.noise(cfg.seed, self.step, qs, backbone.latent_shape(1)[1:]).to(self.device, self.state_dtype)
         cond = backbone.conditioning(prompts, cfg.guidance)
         if self.sharded:  # FSDP2 reduce-scatters once, after the last micro-batch
@@ -255,23 +255,13 @@ class Trainer:
         return loss.detach(), {**sums, **numeric, **pretrain}, len(scored)
 
     def _policy_micro_batch(self, denoiser, prompts: list[str], x0: torch.Tensor, cond, qs: list[int]):
-        """A policy-gradient micro-batch (``flowbp_ops.policy.step``): G consecutive slots share a prompt."""
-        from flowbp_ops.policy.step import PolicyStep
-
-        cfg, backbone, g = self.cfg, self.backbone, self.policy.group_size
-        prompts = [prompts[i - i % g] for i in range(len(prompts))]
-        cond = backbone.conditioning(prompts, cfg.guidance)
-        step = PolicyStep(self.policy, self.sigmas, self.reference)
-        inner = self.policy.inner_steps  # Flow-GRPO: later inner steps train on the batch sampled at the first
-        reuse = self._sampled.get(qs[0]) if inner > 1 and self.step % inner else None
+        """A policy-gradient micro-batch (``flowbp_ops.policy.step``)."""
+        cfg, backbone = self.cfg, self.backbone
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            loss, diag, images, r, sampled = step(
+            loss, diag, images, r, prompts = self.policy_step(
                 self._plain, denoiser, lambda y: backbone.decode(y, dtype=self.state_dtype), self.reward, prompts, x0,
                 cond, batches.sample_seeds(cfg.seed, self.step, qs), batches.plan_seed(cfg.seed, self.step),
-                1.0 / self.layout.accumulation, reuse)
-        if inner > 1:
-            self._sampled[qs[0]] = sampled
-            prompts = sampled["prompts"]
+                1.0 / self.layout.accumulation, qs[0], self.step)
         pretrain = self._pretrain_backward(qs)
         self.plan_info = {"mode": self.policy.family}
         return loss, {**self._scores(r, images, prompts), **{f"diag:{k}": v for k, v in diag.items()}, **pretrain}, \
@@ -319,9 +309,9 @@ class Trainer:
         """Train ``backbone.transformer`` in place from :attr:`step`; checkpoints under ``run_dir/checkpoints``.
         Callbacks run on rank 0 only, with metrics over the whole global batch."""
         cfg, dist, layout = self.cfg, self.dist, self.layout
-        run_dir = Path(run_dir)
         from flowbp_ops.training.fast_rollout import fast_denoiser
 
+        run_dir = Path(run_dir)
         self._plain = self.backbone.denoiser(cfg.guidance)
         denoiser = fast_denoiser(self._plain, self.backbone.transformer, self.method.execution)
         bad, last, told = 0, {}, 0
