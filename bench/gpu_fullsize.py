@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from flowbp_ops.backbones.schedules import get_schedule
+from flowbp_ops.backbones.table import lora_targets
 from flowbp_ops.backbones.tiny import FULL
 from flowbp_ops.methods import METHODS, get_method
 from flowbp_ops.surrogate.compose import surrogate_step
@@ -63,10 +64,10 @@ def build(arch: str, device: str, smoke: bool = False):
     if arch == "sd35":
         from diffusers import SD3Transformer2DModel
 
-        from flowbp_ops.backbones.sd3 import SD3_LORA_TARGETS, SD3Velocity
+        from flowbp_ops.backbones.sd3 import SD3Velocity
 
         model = SD3Transformer2DModel(**config).to(device, dtype)
-        targets, velocity = SD3_LORA_TARGETS, SD3Velocity(model)
+        targets, velocity = lora_targets("sd35"), SD3Velocity(model)
         side = config["sample_size"] if smoke else 64  # 512×512 pixels = 64×64 latents
         x0 = torch.randn(2, 16, side, side, device=device)
 
@@ -81,12 +82,12 @@ def build(arch: str, device: str, smoke: bool = False):
     elif arch == "flux2":
         from diffusers import Flux2Transformer2DModel
 
-        from flowbp_ops.backbones.flux2 import FLUX2_LORA_TARGETS, Flux2Velocity
+        from flowbp_ops.backbones.flux2 import Flux2Velocity
 
         model = Flux2Transformer2DModel(**config).to(device, dtype)
         side = 4 if smoke else 32  # packed tokens per side: 512 px / (VAE 8 × patchify 2)
         ids = torch.cartesian_prod(torch.arange(1), torch.arange(side), torch.arange(side), torch.arange(1))
-        targets, velocity = FLUX2_LORA_TARGETS, Flux2Velocity(model, ids[None].to(device))
+        targets, velocity = lora_targets("flux2"), Flux2Velocity(model, ids[None].to(device))
         x0 = torch.randn(2, side * side, config["in_channels"], device=device)  # batch 2 with real CFG, as SD3.5
 
         def cond(seed):
@@ -101,7 +102,7 @@ def build(arch: str, device: str, smoke: bool = False):
     else:
         from diffusers import FluxTransformer2DModel
 
-        from flowbp_ops.backbones.flux1 import FLUX_LORA_TARGETS, FluxVelocity
+        from flowbp_ops.backbones.flux1 import FluxVelocity
 
         torch.backends.cuda.enable_cudnn_sdp(False)
         model = FluxTransformer2DModel(**config).to(device, dtype)
@@ -109,7 +110,7 @@ def build(arch: str, device: str, smoke: bool = False):
         img_ids = torch.zeros(side * side, 3, device=device)
         img_ids[:, 1] = torch.arange(side, device=device).repeat_interleave(side)
         img_ids[:, 2] = torch.arange(side, device=device).repeat(side)
-        targets, velocity = FLUX_LORA_TARGETS, FluxVelocity(model, img_ids, 4.0)
+        targets, velocity = lora_targets("flux1"), FluxVelocity(model, img_ids, 4.0)
         x0 = torch.randn(1, side * side, 64, device=device)
         conditioning = {"tokens": torch.randn(1, 512, config["joint_attention_dim"], device=device, dtype=dtype),
                         "pooled": torch.randn(1, config["pooled_projection_dim"], device=device, dtype=dtype),

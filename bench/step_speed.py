@@ -28,7 +28,8 @@ from peft import LoraConfig
 from surrogate_bench import BENCH_DIT
 
 from flowbp_ops.backbones.schedules import get_schedule
-from flowbp_ops.backbones.sd3 import SD3_LORA_TARGETS, SD3Velocity, random_conditioning, tiny_sd3_transformer
+from flowbp_ops.backbones.sd3 import SD3Velocity, random_conditioning, tiny_sd3_transformer
+from flowbp_ops.backbones.table import lora_targets
 from flowbp_ops.methods import get_method
 from flowbp_ops.surrogate import CFGCond, Denoiser, build_plan, surrogate_step
 from flowbp_ops.surrogate.runtime import Runtime
@@ -74,7 +75,7 @@ def main() -> None:
     model.requires_grad_(False)
     torch.manual_seed(0)
     model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                 target_modules=SD3_LORA_TARGETS))
+                                 target_modules=lora_targets("sd35")))
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for n, p in model.named_parameters():

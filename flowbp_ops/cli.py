@@ -160,9 +160,12 @@ def _torchrun(args: argparse.Namespace, argv: list[str]) -> int | None:
         return None
     if nproc < 1:
         raise ValueError(f"--nproc {nproc}: give at least 1 process")
-    if getattr(args, "name", "trained_variant") != "trained_variant":
-        raise ValueError(f"--nproc: stage {args.name} runs in one process; only trained_variant (and train) run on "
-                         "several")
+    if getattr(args, "name", None):
+        from flowbp_ops.stages.graph import BY_NAME, distributed_stages
+
+        if not BY_NAME[args.name].distributed:
+            raise ValueError(f"--nproc: stage {args.name} runs in one process; only {', '.join(distributed_stages())} "
+                             "(and train) run on several")
     _check_layout(args, nproc * int(str(nnodes or 1).split(":")[-1]))
     worker_argv = _without_launch_args(argv)  # the workers are already launched (and torchrun's parser would
     return distributed.launch(                # take an abbreviation like --nproc for one of its own options)
@@ -174,15 +177,15 @@ def _check_layout(args: argparse.Namespace, world: int) -> None:
     from flowbp_ops.training.batches import Layout
 
     if args.command == "train":
-        from flowbp_ops.cli_world import _train_settings
+        from flowbp_ops.cli_world import train_settings
 
-        cfg = _train_settings(args)[0]
+        cfg = train_settings(args)[0]
         cfg.check_method()
     else:
         from flowbp_ops.params import load_params
 
         if not args.method and not args.method_of_dvc_stage:
-            raise ValueError("stage trained_variant needs --method")
+            raise ValueError(f"stage {args.name} needs --method")
         cfg = load_params(args.params, args.set).train
     Layout.of(cfg.global_batch, cfg.batch, world)
 

@@ -33,7 +33,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
 def _stage(args: argparse.Namespace, pipes) -> int:
     from flowbp_ops.methods import ALL_METHODS
-    from flowbp_ops.stages.graph import BY_NAME
+    from flowbp_ops.stages.graph import BY_NAME, distributed_stages
     from flowbp_ops.stages.runner import PipesLog, report, run_stage
     from flowbp_ops.store import from_env
     from flowbp_ops.surrogate.config import ConfigError
@@ -43,9 +43,10 @@ def _stage(args: argparse.Namespace, pipes) -> int:
     params = _params(args, pipes)
     if stage.per_method and args.method not in ALL_METHODS:
         raise ConfigError(f"stage {args.name} needs --method, one of {', '.join(ALL_METHODS)}")
-    if distributed.under_torchrun() and args.name != "trained_variant":
-        raise ConfigError(f"stage {args.name} runs in one process: only trained_variant runs under torchrun / --nproc")
-    dist, device = distributed.setup(params.device) if args.name == "trained_variant" else (distributed.Dist(), None)
+    if distributed.under_torchrun() and not stage.distributed:
+        raise ConfigError(f"stage {args.name} runs in one process: only {', '.join(distributed_stages())} run under "
+                          "torchrun / --nproc")
+    dist, device = distributed.setup(params.device) if stage.distributed else (distributed.Dist(), None)
     try:
         pipes = pipes if dist.main else None  # one process reports to Dagster
         store = from_env(args.store)
@@ -114,26 +115,20 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_pipeline(args: argparse.Namespace) -> int:
-    if args.pipeline_command == "dvc-yaml":
-        from flowbp_ops.params import load_params
-        from flowbp_ops.stages.graph import dvc_yaml
+def _cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    from flowbp_ops.params import load_params
+    from flowbp_ops.stages.graph import dvc_yaml
 
-        text = dvc_yaml(load_params(args.params))  # outputs where this params file puts them
-        if args.check:
-            current = Path(args.out).read_text() if Path(args.out).exists() else ""
-            if current != text:
-                raise ValueError(f"{args.out} differs from flowbp_ops/stages/graph.py and {args.params}: "
-                                 "run `flowbp pipeline dvc-yaml`")
-            return 0
-        Path(args.out).write_text(text)
-        print(args.out)
+    text = dvc_yaml(load_params(args.params))  # outputs where this params file puts them
+    if args.check:
+        current = Path(args.out).read_text() if Path(args.out).exists() else ""
+        if current != text:
+            raise ValueError(f"{args.out} differs from flowbp_ops/stages/graph.py and {args.params}: "
+                             "run `flowbp pipeline dvc-yaml`")
         return 0
-    from pipelines.run import run_chain
-
-    result = run_chain(args.params, args.set)
-    print(json.dumps(result, indent=2, default=str))
-    return 0 if result["success"] else 1
+    Path(args.out).write_text(text)
+    print(args.out)
+    return 0
 
 
 def _cmd_preset(args: argparse.Namespace) -> int:
@@ -213,11 +208,13 @@ def add_commands(sub) -> None:
 
     pp = sub.add_parser("pipeline", help="the whole chain through Dagster, or dvc.yaml from the graph")
     psub = pp.add_subparsers(dest="pipeline_command", required=True)
-    r = psub.add_parser("run", help="materialize the default chain (prepare, each method, compare, promote)")
-    common(r)
-    r.set_defaults(func=_cmd_pipeline)
     d = psub.add_parser("dvc-yaml", help="write dvc.yaml from flowbp_ops/stages/graph.py")
     d.add_argument("--out", default="dvc.yaml")
     d.add_argument("--check", action="store_true", help="fail if the file differs")
     d.add_argument("--params", default="params.yaml", help="the settings it is written for (world_dir, base model)")
-    d.set_defaults(func=_cmd_pipeline)
+    d.set_defaults(func=_cmd_dvc_yaml)
+    # the orchestration layer's commands (`pipeline run`: pipelines/cli.py), found through their entry point
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="flowbp.pipeline_commands"):
+        ep.load()(psub, common)

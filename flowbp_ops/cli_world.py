@@ -90,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
     from flowbp_ops.training.loop import Trainer
     from flowbp_ops.training.run_dir import RunDir
 
-    cfg, params = _train_settings(args)
+    cfg, params = train_settings(args)
     dist, device = distributed_setup(params.device if params else "cpu")
     out = Path(args.out or f"runs/{cfg.method}")
     with exclusive(out.with_name(out.name + ".lock"), f"training into {out}") if dist.main else nullcontext():
@@ -101,7 +101,7 @@ def _train(args: argparse.Namespace) -> int:
         backbone, world = _train_backbone(args, params, device)
         prompts = load_prompts(world, "train")
         run = RunDir(out)
-        from flowbp_ops.evaluation import judge_for
+        from flowbp_ops.backbones.table import judge_for
 
         trainer = Trainer(cfg, backbone, prompts, {"world_dir": world}, dist,  # everything that can refuse, first
                           eval_prompts=load_prompts(world, "test"), judge=judge_for(cfg.backbone, world))
@@ -153,7 +153,7 @@ def distributed_setup(device: str):
     return distributed.setup(device)
 
 
-def _train_settings(args: argparse.Namespace):
+def train_settings(args: argparse.Namespace):
     """The run's TrainConfig, and the preset's Params (None for ``--method`` on the default world)."""
     from pydantic import ValidationError
 
@@ -261,14 +261,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from flowbp_ops.evaluation import evaluate, judge_for
+    from flowbp_ops.backbones.table import judge_for
     from flowbp_ops.rewards.base import get_reward
+    from flowbp_ops.sampling import sample_and_score
 
     backbone = _load_backbone(args)
     prompts = load_prompts(Path(args.world), args.split)[: args.limit]
     rewards = {n: get_reward(n, world_dir=args.world) for n in args.rewards}
     judge = judge_for("default", args.world)
-    print(json.dumps(evaluate(backbone, prompts, rewards, args.steps, args.guidance, judge, args.seed), indent=2))
+    print(json.dumps(sample_and_score(backbone, prompts, rewards, args.steps, args.guidance, judge, args.seed),
+                     indent=2))
     return 0
 
 

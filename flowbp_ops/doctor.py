@@ -13,7 +13,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-GATED = ("stabilityai/stable-diffusion-3.5-medium", "black-forest-labs/FLUX.1-dev")
 HUB_CACHE_GB = 100  # SD3.5-M, FLUX.1-dev or Klein-9B with their text encoders, and the reward models
 
 
@@ -40,14 +39,29 @@ def cuda() -> Check:
     return Check("cuda", "PASS", f"{torch.cuda.device_count()} × {', '.join(names)}, bf16")
 
 
-def hub() -> Check:
+def gated_repos(params) -> list[str]:
+    """The gated hub repos this run needs: its base model's when that is a gated backbone's; with the default world,
+    every gated backbone's (what the recipes in ``flowbp preset`` load)."""
+    from flowbp_ops.backbones.table import BACKBONES
+
+    gated = [s.hub_id for s in BACKBONES.values() if s.gated and s.hub_id]
+    source = params.base_model.source
+    if source == "default":
+        return gated
+    return [r for r in gated if source.startswith(f"hf://{r}")]
+
+
+def hub(params) -> Check:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return Check("hub", "SKIP", "HF_HUB_OFFLINE=1: base models and rewards must already be in the hub cache")
+    repos = gated_repos(params)
+    if not repos:
+        return Check("hub", "SKIP", f"base_model.source={params.base_model.source!r} is not a gated hub model")
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 
     try:
-        for repo in GATED:
+        for repo in repos:
             HfApi().model_info(repo, timeout=10, files_metadata=False)
             HfApi().auth_check(repo)
     except GatedRepoError:
@@ -55,7 +69,7 @@ def hub() -> Check:
                      "`huggingface-cli login` (or set HF_TOKEN)")
     except (HfHubHTTPError, OSError) as exc:
         return Check("hub", "FAIL", f"the hub did not answer ({type(exc).__name__})", "check the network or proxy")
-    return Check("hub", "PASS", f"access to {', '.join(GATED)}")
+    return Check("hub", "PASS", f"access to {', '.join(repos)}")
 
 
 def s3(params) -> Check:
@@ -104,7 +118,7 @@ def gpu_pool() -> Check:
     gpus = torch.cuda.device_count()
     if limit is None:
         return Check("gpu pool", "SKIP", f"no pool limit in {conf} (install.sh writes one)")
-    if gpus and limit > gpus:
+    if gpus and limit != gpus:  # more: two ops on one GPU (out of memory); fewer: GPUs left idle
         return Check("gpu pool", "FAIL", f"the gpu pool allows {limit} ops but {gpus} GPUs are visible",
                      f"set concurrency.pools.default_limit: {gpus} in {conf}")
     if not gpus:
@@ -121,14 +135,16 @@ def dvc() -> Check:
 
 
 def disk() -> Check:
-    cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    # where huggingface_hub puts downloads: HF_HUB_CACHE, else HF_HOME/hub
+    cache = Path(os.environ.get("HF_HUB_CACHE")
+                 or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
     probe = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free / 2**30
     if free < HUB_CACHE_GB:
         return Check("disk", "FAIL", f"{free:.0f} GB free for the hub cache at {cache}",
-                     f"free {HUB_CACHE_GB} GB or point HF_HOME at a larger disk (the default world needs ~1 GB)")
+                     f"free {HUB_CACHE_GB} GB or point HF_HUB_CACHE at a larger disk (the default world needs ~1 GB)")
     return Check("disk", "PASS", f"{free:.0f} GB free for the hub cache at {cache}")
 
 
 def run(params) -> list[Check]:
-    return [cuda(), hub(), s3(params), mlflow(params), gpu_pool(), dvc(), disk()]
+    return [cuda(), hub(params), s3(params), mlflow(params), gpu_pool(), dvc(), disk()]

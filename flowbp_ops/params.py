@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flowbp_ops.backbones.table import REAL
 from flowbp_ops.surrogate.config import ConfigError
 from flowbp_ops.training.config import RewardSpec, TrainConfig
 from flowbp_ops.world.config import WorldConfig
@@ -205,10 +206,11 @@ class Params(_Section):
         return self
 
     def judge_metric(self) -> str | None:
-        """The held-out judge's headline metric, if this run has a judge."""
-        if self.train.backbone == "default":
-            return "geneval/overall"
-        return "judge/alignment" if self.eval.judge_url else None
+        """The held-out judge's headline metric, if this run has a judge (the world's, else a served VLM)."""
+        from flowbp_ops.backbones.table import get_backbone
+
+        built_in = get_backbone(self.train.backbone).judge_metrics
+        return built_in[0] if built_in else "judge/alignment" if self.eval.judge_url else None
 
     def promote_metric(self) -> str:
         return self.promote.metric or self.judge_metric() or f"reward/{self.train.reward}"
@@ -219,10 +221,9 @@ class Params(_Section):
 
         names = list(dict.fromkeys([self.train.reward, *self.eval.rewards]))
         out = [f"reward/{n}" for n in names] + ["diversity"]
-        if self.train.backbone == "default":  # the default world's GenEval-style judge
-            from flowbp_ops.judges.geneval import TAGS
+        from flowbp_ops.backbones.table import get_backbone
 
-            out += ["geneval/overall"] + [f"geneval/{t}" for t in TAGS]
+        out += list(get_backbone(self.train.backbone).judge_metrics)  # the world's judge (GenEval in miniature)
         if self.eval.judge_url:
             out += ["judge/alignment", "judge/quality"]
         assert all(parse_spec(n) for n in names)
@@ -234,7 +235,7 @@ class Params(_Section):
         if default_model != default_backbone:
             raise ValueError(f"base_model.source={self.base_model.source!r} with train.backbone="
                              f"{self.train.backbone!r}: the default world's model trains as backbone 'default', "
-                             "a real model as sd35, flux1 or flux2 (see `flowbp preset --list`)")
+                             f"a real model as {' or '.join(REAL)} (see `flowbp preset --list`)")
         return self
 
     def train_config(self, method: str) -> TrainConfig:

@@ -17,12 +17,15 @@ from importlib import resources
 from flowbp_ops.backbones.table import BACKBONES as _TABLE
 from flowbp_ops.methods import METHODS
 from flowbp_ops.params import Params
+from flowbp_ops.rewards.base import BUILTIN as REWARDS
 
 # the per-GPU batch (spec section 4, in the backbone table) on the authors' 8 GPUs; the global batch is their
 # product (spec §6.3), times the backbone's extra micro-batches (FLUX.2 DRaFT-LV: 2). A run on G processes with
 # room for `batch` each accumulates global / (G·batch).
 AUTHORS_GPUS = 8
 BACKBONES = {n: s for n, s in _TABLE.items() if s.hub_id}
+# trained on HPSv2.1, held out on PickScore and ImageReward, evaluated on those, CLIPScore and HPSv3
+RECIPE_REWARDS = ("hpsv2", "pickscore", "imagereward", "clipscore", "hpsv3")
 
 def hpdv2_eval_prompts() -> str:
     return str(resources.files("flowbp_ops") / "data" / "hpdv2_eval_prompts.txt")
@@ -61,21 +64,12 @@ def get_preset(name: str) -> Params:
         "base_model": {"source": f"hf://{hub_id}", "max_sequence_length": 512},
         # training prompts: the user's file (the authors used HPDv2's train split, not shipped here)
         "prompts": {"source": "", "eval_source": hpdv2_eval_prompts()},
-        "rewards": {"source": "", "models": {"hpsv2": "hf://xswu/HPSv2/HPS_v2.1_compressed.pt",
-                                             "imagereward": "hf://THUDM/ImageReward/ImageReward.pt",
-                                             "pickscore": "hf://yuvalkirstain/PickScore_v1",
-                                             # the model's safetensors, not its other weight formats
-                                             "clipscore": "hf://openai/clip-vit-large-patch14"
-                                                          "?include=*.json,*.txt,*.safetensors",
-                                             # an evaluation reward (HPSv3 on Qwen2-VL-7B): scored, never trained on
-                                             "hpsv3": "hf://MizzenAI/HPSv3/HPSv3.safetensors"},
-                    # the published checkpoints carry no tokenizer: their base models' tokenizers
-                    "tokenizers": {"hpsv2": "hf://laion/CLIP-ViT-H-14-laion2B-s32B-b79K?include=*.json,*.txt",
-                                   "imagereward": "hf://google-bert/bert-base-uncased?include=*.json,*.txt",
-                                   "hpsv3": "hf://Qwen/Qwen2-VL-7B-Instruct?include=*.json,*.txt"}},
+        # the published reward models (and, for a bare checkpoint, its base model's tokenizer): the reward table's
+        "rewards": {"source": "", "models": {n: REWARDS[n].checkpoint for n in RECIPE_REWARDS},
+                    "tokenizers": {n: REWARDS[n].tokenizer for n in RECIPE_REWARDS if REWARDS[n].tokenizer}},
         # evaluation sampling as the authors: SD3.5 on the scheduler's own grid (spec §6.9), FLUX on the training grid
         "rollouts": {"n_steps": eval_steps, "guidance": guidance, "n_prompts": 400, "shard_size": 8,
-                     "grid": "scheduler" if backbone == "sd35" else "training"},
+                     "grid": spec.eval_grid},
         "train": {"method": method, "backbone": backbone, "steps": 300, "batch": batch, "global_batch": global_batch,
                   "rollout_steps": 25,
                   "guidance": guidance, "reward": "hpsv2", "heldout_rewards": ["pickscore", "imagereward"],
@@ -84,9 +78,9 @@ def get_preset(name: str) -> Params:
                   "ema": 0.995, "ema_warmup": False,  # a copy of the base weights, the fixed decay from step 1
                   "numerics": "authors",  # bf16 latents / noise / timesteps, bf16 decode, fp16 reward (spec §6.10)
                   # the CFG gradient compensation: on in the FLUX.2 Lagrange config only (spec §6.6)
-                  "cfg_grad_compensate": (backbone, method) == ("flux2", "flowbp_lagrange"),
+                  "cfg_grad_compensate": method in spec.cfg_grad_compensate,
                   "gradient_checkpointing": True, "checkpoint_every": 50},
         "methods": [method],
-        "eval": {"rewards": ["hpsv2", "pickscore", "imagereward", "clipscore", "hpsv3"]},
+        "eval": {"rewards": list(RECIPE_REWARDS)},
         "promote": {"model_name": f"flowbp-{backbone}"},
     })

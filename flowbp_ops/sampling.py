@@ -32,3 +32,15 @@ def generate(backbone, prompts: list[str], n_steps: int, guidance: float | None,
         cache = rollout(denoiser, x0, sigmas, backbone.conditioning(chunk, guidance))
         out.append(backbone.decode(cache.x[-1]))
     return torch.cat(out)
+
+
+def sample_and_score(backbone, prompts: list[str], rewards: dict, n_steps: int, guidance: float | None, judge=None,
+                     seed: int = 42) -> dict[str, float]:
+    """Sample ``prompts`` (noise seeded as :func:`generate`) and score the images: ``reward/<name>`` per reward,
+    and the judge's metrics (``judge.metrics(images, prompts)``) when given."""
+    images = generate(backbone, prompts, n_steps, guidance, seed=seed)
+    with torch.no_grad():
+        out = {f"reward/{n}": float(r(images, prompts).mean()) for n, r in rewards.items()}
+    if judge is not None:
+        out.update(judge.metrics(images, prompts))
+    return out

@@ -8,19 +8,18 @@ materialization and its asset checks back. Start the UI with ``dagster dev -m pi
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from flowbp_ops.methods import ALL_METHODS
-from flowbp_ops.stages.graph import JOBS, STAGES, Stage, sections
+from flowbp_ops.stages.graph import JOB_DESCRIPTIONS, JOBS, STAGES, Stage, sections, stage_file
 from pipelines.config import apply, stage_config
 from pipelines.resources import ComputeResource, DvcResource, LauncherResource, MlflowResource, StorageResource
 
 METHOD_PARTITIONS = dg.StaticPartitionsDefinition(list(ALL_METHODS))
-# training resumes from its checkpoints, so retrying it loses nothing
-TRAIN_RETRY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
+# a stage with resumable working state (training: its checkpoints) loses nothing when it is retried
+RESUMABLE_RETRY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
 
 
 def _metadata(meta: dict[str, Any]) -> dict[str, Any]:
@@ -37,23 +36,15 @@ def _metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _extra_metadata(stage: Stage, params, method: str | None, mlflow: MlflowResource, meta: dict) -> dict:
-    """What users look at, added on the Dagster side: links to the sample grids and the comparison's plots where
-    MLflow keeps them (the event log holds links, not images), the files themselves, the MLflow run."""
-    from flowbp_ops.stages import paths
-
-    def linked(name: str, path: Path, run_id: str | None, artifact: str) -> dict:
-        url = mlflow.run_url(params.tracking, run_id, artifact)
-        return {name: dg.MetadataValue.url(url)} if url else {f"{name}_file": dg.MetadataValue.path(str(path))}
-
+    """What users look at, added on the Dagster side: the stage's pictures linked where MLflow keeps them (the
+    event log holds links, not images; without MLflow the file's path), a table as markdown, the MLflow run."""
     extra = {}
-    if stage.name == "evaluation":
-        extra.update(linked("samples", paths(params).evaluation(method) / "samples.png", meta.get("eval_run_id"),
-                            "samples/samples.png"))
-    if stage.name == "method_comparison":
-        out = paths(params).comparison
+    for link in stage.links:
+        url = mlflow.run_url(params.tracking, meta.get(link.run_key), link.artifact)
+        extra.update({link.name: dg.MetadataValue.url(url)} if url else
+                     {f"{link.name}_file": dg.MetadataValue.path(str(stage_file(link.path, params, method)))})
+    if isinstance(meta.get("table"), str):
         extra["table"] = dg.MetadataValue.md(meta["table"])
-        for name, file in (("reward_change", "comparison.png"), ("curves", "curves.png")):
-            extra.update(linked(name, out / file, meta.get("run_id"), file))
     if stage.tracked and meta.get("run_id"):
         extra["mlflow_run"] = mlflow.run_url(params.tracking, meta["run_id"])
     return extra
@@ -66,8 +57,6 @@ def _in_process(stage: Stage, context, params, mlflow: MlflowResource, storage: 
     tracker = mlflow.tracker(params.tracking) if stage.tracked else None
     meta, checks = run_stage(stage.name, params, method, tracker=tracker, store=storage.store(),
                              tags={"dagster.run_id": context.run.run_id, "dagster.partition": method or ""})
-    if stage.name == "method_comparison":
-        meta = {"variants": list(meta["variants"]), "table": meta["table"], "run_id": meta.get("run_id")}
     meta = {**_metadata(meta), **_extra_metadata(stage, params, method, mlflow, meta)}
     meta["dvc"] = dg.MetadataValue.json(dvc.record(stage, method, params, local=storage.store() is None))
     results = [dg.AssetCheckResult(check_name=c["name"], passed=c["passed"], metadata=_metadata(c["metadata"]))
@@ -87,8 +76,8 @@ def _external(stage: Stage, context, params, launcher: LauncherResource, storage
         extras = {"params": params.model_dump(mode="json"),
                   "tags": {"dagster.run_id": context.run.run_id, "dagster.partition": method or ""}}
         env.update(storage.env())
-        results = launcher.run(context, stage.name, method, compute.processes if stage.name == "trained_variant"
-                               else 1, extras, env)
+        results = launcher.run(context, stage.name, method, compute.processes if stage.distributed else 1,
+                               extras, env)
     for r in results:
         if isinstance(r, dg.MaterializeResult):
             raw = {k: getattr(v, "value", v) for k, v in (r.metadata or {}).items()}
@@ -111,7 +100,7 @@ def make_asset(stage: Stage) -> dg.AssetsDefinition:
     @dg.asset(name=stage.name, description=stage.description, group_name="flowbp",
               deps=list(stage.deps), partitions_def=METHOD_PARTITIONS if stage.per_method else None,
               check_specs=check_specs or None, pool="gpu" if stage.gpu else None,
-              retry_policy=TRAIN_RETRY if stage.name == "trained_variant" else None,
+              retry_policy=RESUMABLE_RETRY if stage.persist else None,
               kinds={"pytorch"} if stage.gpu else {"python"})
     def _asset(context: dg.AssetExecutionContext, config: config_cls, mlflow: MlflowResource,
                storage: StorageResource, compute: ComputeResource, launcher: LauncherResource, dvc: DvcResource):
@@ -127,8 +116,6 @@ def make_asset(stage: Stage) -> dg.AssetsDefinition:
 ASSETS = [make_asset(s) for s in STAGES]
 RESOURCES = {"mlflow": MlflowResource(), "storage": StorageResource(), "compute": ComputeResource(),
              "launcher": LauncherResource(), "dvc": DvcResource()}
-JOB_DESCRIPTIONS = {"prepare": "prompt sets, reward models, base model, prompt embeddings, base rollouts",
-                    "variant": "train and evaluate one method", "compare_and_promote": "compare the methods, promote"}
 
 defs = dg.Definitions(
     assets=ASSETS,

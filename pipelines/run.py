@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from flowbp_ops.stages.graph import BY_NAME, JOBS, sections
+from pipelines.instance import write_instance
 
 CHAIN_TAG = "flowbp/chain"
 
@@ -39,7 +40,7 @@ def run_chain(params_file: str | Path = "params.yaml", overrides: list[str] = ()
     data = params.model_dump(mode="json")
     ops = {s.name: {"config": {k: data[k] for k in sections(s)}} for s in BY_NAME.values()}
     chain = uuid.uuid4().hex[:12]
-    with _instance_home() as home, tempfile.TemporaryDirectory(prefix="flowbp-chain-") as tmp:
+    with _instance_home(_default_lanes(params)) as home, tempfile.TemporaryDirectory(prefix="flowbp-chain-") as tmp:
         env = {**os.environ, "DAGSTER_HOME": home, "FLOWBP_PARAMS": str(params_file)}
         lanes = lanes or _lanes(home, params)
 
@@ -75,13 +76,13 @@ def run_chain(params_file: str | Path = "params.yaml", overrides: list[str] = ()
 
 
 @contextmanager
-def _instance_home():
+def _instance_home(gpu_slots: int):
     """``$DAGSTER_HOME``, or a temporary instance for this chain (its runs are not kept)."""
     if os.environ.get("DAGSTER_HOME"):
         yield os.environ["DAGSTER_HOME"]
         return
     with tempfile.TemporaryDirectory(prefix="flowbp-dagster-") as home:
-        (Path(home) / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        write_instance(Path(home) / "dagster.yaml", gpu_slots)
         yield home
 
 
@@ -104,8 +105,11 @@ def _lanes(home: str, params) -> int:
     GPU of a ``cuda`` device, or one per ``world.threads`` CPU cores."""
     with _instance(home) as instance:
         limit = instance.event_log_storage.get_concurrency_info("gpu").limit
-    if limit:
-        return max(1, int(limit))
+    return max(1, int(limit)) if limit else _default_lanes(params)
+
+
+def _default_lanes(params) -> int:
+    """One per GPU of a ``cuda`` device, or one per ``world.threads`` CPU cores."""
     if params.device.startswith("cuda"):
         import torch
 

@@ -20,19 +20,9 @@ uv pip install --quiet --python .venv/bin/python --no-deps "open-clip-torch==3.3
 # the tool's environment and its `dvc` entry point inside the checkout (scripts/dvc runs it)
 [ -x .dvc-tool/bin/dvc ] || UV_TOOL_DIR="$PWD/.dvc-tool" UV_TOOL_BIN_DIR="$PWD/.dvc-tool/bin" \
   uv tool install --quiet --python "$PY" --compile-bytecode --with "dvc-s3==3.3.0" "dvc==3.67.1"
-# the instance the Dagster UI and the main job share; telemetry off
-# `gpu`-pool stages (embeddings, rollouts, training, evaluation) at once: one per GPU, or on a machine without
-# one, one per CPU core (the default world runs every stage on one thread)
+# the instance the Dagster UI and the main job share (pipelines/instance.py): telemetry off, the library's logs in
+# the event log, and the `gpu` pool (embeddings, rollouts, training, evaluation at once): one per GPU, or on a
+# machine without one, one per CPU core (the default world runs every stage on one thread)
 slots=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 [ "${slots:-0}" -gt 0 ] || slots=$(nproc)
-mkdir -p .dagster
-[ -f .dagster/dagster.yaml ] || cat > .dagster/dagster.yaml <<YAML
-telemetry:
-  enabled: false
-python_logs:
-  managed_python_loggers: [flowbp_ops]   # the library's log records in each run's event log
-  python_log_level: INFO
-concurrency:
-  pools:
-    default_limit: $slots   # gpu-pool ops at once on this machine: one per GPU (or CPU core without one)
-YAML
+[ -f .dagster/dagster.yaml ] || .venv/bin/python -m pipelines.instance .dagster/dagster.yaml --gpu-slots "$slots" >/dev/null

@@ -52,3 +52,15 @@ def test_doctor_checks_s3_and_mlflow_for_real(tmp_path, s3_bucket, monkeypatch, 
     assert main(["doctor", "--params", _params(tmp_path), "--set",
                  f"tracking.tracking_uri=http://127.0.0.1:{port}"]) == 2
     assert "FAIL mlflow:" in capsys.readouterr().out
+
+
+def test_doctor_asks_the_hub_for_the_gated_repos_the_run_needs():
+    from flowbp_ops.doctor import gated_repos
+    from flowbp_ops.params import params_from
+    from flowbp_ops.presets import get_preset
+
+    assert gated_repos(get_preset("sd35/flowbp_lagrange")) == ["stabilityai/stable-diffusion-3.5-medium"]
+    assert gated_repos(get_preset("flux2/flowbp_lagrange")) == []  # Klein base is not gated
+    # the default world: the gated models the recipes would load, so a user learns it before switching
+    assert set(gated_repos(params_from({}))) == {"stabilityai/stable-diffusion-3.5-medium",
+                                                 "black-forest-labs/FLUX.1-dev"}

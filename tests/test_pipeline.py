@@ -113,6 +113,22 @@ def test_one_graph_for_dagster_and_dvc():
     assert "data/embeddings" in train_deps and "data/rollouts" not in train_deps
     assert {"data/embeddings", "data/rollouts"} <= set(eval_deps)
     assert "rollouts" not in dvc["trained_variant"]["do"]["params"]
+    # evaluation loads the base model (then the variant's weights onto it): a pod pulling its inputs gets it
+    assert {"data/world/vae", "data/world/transformer", "data/world/base_model.json"} <= set(eval_deps)
+    assert {"base_model", "train.backbone"} <= set(dvc["evaluation"]["do"]["params"])
+    # a training run's checkpoints are its working state, never another stage's input
+    every_dep = [d for body in dvc.values() for d in body.get("do", body).get("deps", [])]
+    assert not [d for d in every_dep if d.startswith("data/runs")], every_dep
+    from flowbp_ops.params import params_from
+    from flowbp_ops.stages.graph import BY_NAME, resumable_transfers, stage_transfers
+
+    params = params_from({})
+    pulled = {k for pairs in stage_transfers(BY_NAME["evaluation"], params, "refl", inputs=True).values()
+              for k, _ in pairs}
+    assert {"data/world/transformer", "data/variants/refl/adapter", "data/rollouts"} <= pulled
+    assert not any(k.startswith("data/runs") for k in pulled)
+    assert resumable_transfers(BY_NAME["trained_variant"], params, "refl") == [("data/runs/refl",
+                                                                                Path("data/runs/refl"))]
     # a preset's params: outputs under its world_dir, and a real base model is a pin, not built weights
     from flowbp_ops.presets import get_preset
 
@@ -151,12 +167,12 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(smoke_params(root)))
+    from pipelines.instance import write_instance
     from pipelines.run import run_chain
 
     home = root / "dagster"  # an instance of its own, whose event log the tests read
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\npython_logs:\n  managed_python_loggers: "
-                                       "[flowbp_ops]\n  python_log_level: INFO\n")
+    write_instance(home / "dagster.yaml", gpu_slots=2)  # as scripts/install.sh writes it
     old = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.1"  # MLflow's own knob: samples within 2 steps
@@ -237,9 +253,17 @@ def test_gpu_stages_run_through_pipes_and_report_back(chain):
     run_id = result["variants"]["flowbp_sparse"]["run_id"]
     messages = [e.user_message for e in instance.all_logs(run_id)]
     assert any("trained_variant[flowbp_sparse] step 2/2 reward=" in m for m in messages), messages[-20:]
+    # the library's own log records, from inside the launched process
+    assert any("evaluation[flowbp_sparse]: done in" in m for m in messages), messages[-20:]
     assert any("Launched" in m or "pipes" in m.lower() for m in messages)
     mat = instance.get_latest_materialization_event(dg.AssetKey("trained_variant"))
     assert mat is not None and "adapter_sha256" in mat.asset_materialization.metadata
+    # users look at the sample grid where MLflow keeps it: the event log links to it, it holds no image bytes
+    ev = instance.get_latest_materialization_event(dg.AssetKey("evaluation")).asset_materialization.metadata
+    assert isinstance(ev["samples"], dg.UrlMetadataValue) and "/artifacts/samples/samples.png" in ev["samples"].url
+    cmp = instance.get_latest_materialization_event(dg.AssetKey("method_comparison")).asset_materialization.metadata
+    assert isinstance(cmp["curves"], dg.UrlMetadataValue) and isinstance(cmp["table"], dg.MarkdownMetadataValue)
+    assert not any("base64" in str(getattr(v, "value", v)) for m in (ev, cmp) for v in m.values())
     checks = result["variants"]["flowbp_sparse"]["checks"]
     assert set(checks) == {"finite_weights", "reward_improved", "heldout_not_collapsed", "heldout_judge_improved",
                            "diversity_not_collapsed"}

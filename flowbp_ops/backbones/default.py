@@ -17,7 +17,8 @@ from torch import Tensor
 
 from flowbp_ops.backbones.embedding_cache import EmbeddingCache
 from flowbp_ops.backbones.schedules import get_schedule
-from flowbp_ops.backbones.sd3 import SD3_LORA_TARGETS, SD3Velocity
+from flowbp_ops.backbones.sd3 import SD3Velocity
+from flowbp_ops.backbones.table import lora_targets
 from flowbp_ops.integrity import verify
 from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
 from flowbp_ops.world.base_model import decode_latents
@@ -26,7 +27,7 @@ from flowbp_ops.world.text import MINILM, MiniLMTextEncoder
 
 class DefaultBackbone:
     name = "default"
-    lora_target_modules = SD3_LORA_TARGETS
+    lora_target_modules = lora_targets("default")
 
     def __init__(self, world_dir: str | Path, device: str | torch.device = "cpu", embeddings: str | Path | None = None,
                  text_encoder: bool = True):

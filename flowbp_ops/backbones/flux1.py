@@ -15,8 +15,6 @@ from torch import Tensor
 from flowbp_ops.backbones.pipeline import PackedPipelineBackbone
 from flowbp_ops.surrogate.rollout import Denoiser
 
-FLUX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
 
 class FluxVelocity:
     """``v(x, σ, cond)`` of a ``FluxTransformer2DModel`` on packed latents, with embedded guidance."""
@@ -36,8 +34,6 @@ class FluxVelocity:
 
 class Flux1Backbone(PackedPipelineBackbone):
     name = "flux1"
-    lora_target_modules = FLUX_LORA_TARGETS
-    pipeline_class = "FluxPipeline"
     default_max_sequence_length = 512
 
     def __init__(self, *args, **kwargs):

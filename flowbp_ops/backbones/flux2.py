@@ -15,15 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowbp_ops.backbones.flux1 import FLUX_LORA_TARGETS
 from flowbp_ops.backbones.pipeline import PackedPipelineBackbone
 from flowbp_ops.surrogate.rollout import Denoiser
-
-# double-stream attention as FLUX.1, plus the single-stream blocks' fused input projection and their output
-# projection (a plain Linear named `attn.to_out` there, a ModuleList in the double-stream blocks): peft takes
-# a regex over full module names
-FLUX2_LORA_TARGETS = (r".*(?:\.(?:" + "|".join(t.replace(".", r"\.") for t in FLUX_LORA_TARGETS + ["to_qkv_mlp_proj"])
-                      + r")|single_transformer_blocks\.\d+\.attn\.to_out)$")
 
 
 class Flux2Velocity:
@@ -41,8 +34,6 @@ class Flux2Velocity:
 
 class Flux2Backbone(PackedPipelineBackbone):
     name = "flux2"
-    lora_target_modules = FLUX2_LORA_TARGETS
-    pipeline_class = "Flux2KleinPipeline"
     default_max_sequence_length = 512
 
     def __init__(self, *args, **kwargs):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from flowbp_ops.atomic import atomic_path
+from flowbp_ops.backbones.table import get_backbone
 from flowbp_ops.surrogate.config import ConfigError
 
 RECORD = "backbone.json"
@@ -34,13 +35,14 @@ def check_pipeline(index: Path, kind: str) -> str:
                           "pipeline (a hub id such as hf://stabilityai/stable-diffusion-3.5-medium, or its saved "
                           "folder)")
     meta = json.loads(index.read_text())
-    found, expected = meta.get("_class_name"), adapter_class(kind).pipeline_class
+    spec = get_backbone(kind)
+    found, expected = meta.get("_class_name"), spec.pipeline_class
     if found != expected:
         raise ConfigError(f"{index.parent} holds a {found}, but train.backbone={kind} loads a {expected}: "
                           "set train.backbone to the matching backbone or point base_model.source at the right model")
-    if meta.get("is_distilled"):
-        raise ConfigError(f"{index.parent} is a step-distilled Klein (no CFG): fine-tune the base model, "
-                          "e.g. hf://black-forest-labs/FLUX.2-klein-base-9B")
+    for flag, why in spec.refuse.items():
+        if meta.get(flag):
+            raise ConfigError(f"{index.parent} is {why}")
     return found
 
 
@@ -91,7 +93,7 @@ def resolve_base_model(source: str, revision: str | None, kind: str, world_dir: 
         check_pipeline(path / "model_index.json", kind)
         pinned = revision
     record = {"backbone": kind, "source": source, "revision": pinned, "path": str(path),
-              "pipeline": adapter_class(kind).pipeline_class, "settings": settings}
+              "pipeline": get_backbone(kind).pipeline_class, "settings": settings}
     world_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(world_dir / RECORD) as tmp:
         tmp.write_text(json.dumps(record, indent=2))

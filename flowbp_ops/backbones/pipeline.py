@@ -43,7 +43,16 @@ def text_encoder_components(pipeline_class) -> list[str]:
 class PipelineBackbone:
     name: str
     pipeline_class: str  # the diffusers class, also the format the saved LoRA is written in
+    lora_target_modules: list[str] | str
     default_max_sequence_length: int
+
+    def __init_subclass__(cls, **kwargs):
+        """An adapter names its backbone; its pipeline class and LoRA targets are that row of the backbone table."""
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            from flowbp_ops.backbones.table import get_backbone, lora_targets
+
+            cls.pipeline_class, cls.lora_target_modules = get_backbone(cls.name).pipeline_class, lora_targets(cls.name)
 
     def __init__(self, source: str | Path, revision: str | None = None, dtype: str | torch.dtype = "bf16",
                  device: str | torch.device = "cpu", resolution: int = 512, cache_dir: str | Path | None = None,

@@ -13,9 +13,6 @@ import torch
 from diffusers import SD3Transformer2DModel
 from torch import Tensor
 
-# the attention projections of SD3's joint blocks (image and text streams), as diffusers' SD3 LoRA recipe
-SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
 # ~280k parameters: forward in a few ms on one CPU core (environment.md); same architecture
 # as SD3.5-M's transformer, only smaller. Config rule: caption_projection_dim = heads × head_dim.
 TINY_SD3_CONFIG: dict[str, Any] = dict(

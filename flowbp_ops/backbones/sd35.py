@@ -12,14 +12,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from flowbp_ops.backbones.pipeline import PipelineBackbone
-from flowbp_ops.backbones.sd3 import SD3_LORA_TARGETS, SD3Velocity
+from flowbp_ops.backbones.sd3 import SD3Velocity
 from flowbp_ops.surrogate.rollout import Denoiser
 
 
 class SD35Backbone(PipelineBackbone):
     name = "sd35"
-    lora_target_modules = SD3_LORA_TARGETS
-    pipeline_class = "StableDiffusion3Pipeline"
     default_max_sequence_length = 512  # T5 tokens, as the authors train and evaluate (spec §6.8)
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:

@@ -7,6 +7,7 @@ VAE decoder to the latents). Reward models are frozen.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -42,22 +43,42 @@ class Composite:
         return sum(w * r(images, prompts) for w, r in self.parts.values())
 
 
-# The built-in rewards, declared once: name -> "module:factory". A factory takes (world_dir, device) and
-# returns a Reward; the module is imported only when the reward is built, so settings can be checked
-# against these names without loading any model.
-BUILTIN: dict[str, str] = {
-    "align": "flowbp_ops.rewards.world:align",
-    "align_heldout": "flowbp_ops.rewards.world:align_heldout",
-    "quality": "flowbp_ops.rewards.world:quality",
-    "quality_heldout": "flowbp_ops.rewards.world:quality_heldout",
-    "realism": "flowbp_ops.rewards.world:realism",
-    "clipscore": "flowbp_ops.rewards.clip:clipscore",
-    "pickscore": "flowbp_ops.rewards.clip:pickscore",
-    "hpsv2": "flowbp_ops.rewards.hpsv2:hpsv2",
-    "imagereward": "flowbp_ops.rewards.imagereward:imagereward",
-    "hpsv3": "flowbp_ops.rewards.hpsv3:hpsv3",
+@dataclass(frozen=True)
+class RewardEntry:
+    """A built-in reward: how it is built and, for a published model, where its weights and tokenizer come from."""
+    factory: str  # "module:function" taking (world_dir, device), imported only when the reward is built
+    checkpoint: str | None = None  # the published weights (a hub URI): what the recipes fetch
+    tokenizer: str | None = None  # a published checkpoint carries none: its base model's tokenizer files
+    converter: str | None = None  # "module:function" turning the published checkpoint into tensors (no unpickle)
+    evaluation_only: bool = False  # scored without gradient: an evaluation reward, never a training one
+
+
+# The built-in rewards, declared once: the CLI and settings check names against this table without loading any
+# model; the reward_models stage fetches and converts from it; the recipes' settings are written from it.
+_HUB = "flowbp_ops.rewards."
+BUILTIN: dict[str, RewardEntry] = {
+    "align": RewardEntry(_HUB + "world:align"),
+    "align_heldout": RewardEntry(_HUB + "world:align_heldout"),
+    "quality": RewardEntry(_HUB + "world:quality"),
+    "quality_heldout": RewardEntry(_HUB + "world:quality_heldout"),
+    "realism": RewardEntry(_HUB + "world:realism"),
+    # the model's safetensors, not its other weight formats
+    "clipscore": RewardEntry(_HUB + "clip:clipscore",
+                             "hf://openai/clip-vit-large-patch14?include=*.json,*.txt,*.safetensors"),
+    "pickscore": RewardEntry(_HUB + "clip:pickscore", "hf://yuvalkirstain/PickScore_v1"),
+    "hpsv2": RewardEntry(_HUB + "hpsv2:hpsv2", "hf://xswu/HPSv2/HPS_v2.1_compressed.pt",
+                         "hf://laion/CLIP-ViT-H-14-laion2B-s32B-b79K?include=*.json,*.txt",
+                         _HUB + "hpsv2:convert_open_clip_checkpoint"),
+    "imagereward": RewardEntry(_HUB + "imagereward:imagereward", "hf://THUDM/ImageReward/ImageReward.pt",
+                               "hf://google-bert/bert-base-uncased?include=*.json,*.txt",
+                               _HUB + "imagereward:convert_checkpoint"),
+    # HPSv3 on Qwen2-VL-7B: scored, never trained on
+    "hpsv3": RewardEntry(_HUB + "hpsv3:hpsv3", "hf://MizzenAI/HPSv3/HPSv3.safetensors",
+                         "hf://Qwen/Qwen2-VL-7B-Instruct?include=*.json,*.txt", _HUB + "hpsv3:convert_checkpoint",
+                         evaluation_only=True),
 }
-EVALUATION_ONLY = {"hpsv3"}  # scored without gradient: an evaluation reward, never a training one
+EVALUATION_ONLY = {n for n, e in BUILTIN.items() if e.evaluation_only}
+CONVERTED = {n: e for n, e in BUILTIN.items() if e.converter}  # published as one checkpoint file, converted
 _REGISTRY: dict[str, Callable[..., Reward]] = {}  # rewards a user registers at run time (tests, plugins)
 
 
@@ -100,7 +121,7 @@ def get_reward(spec: str, **kwargs) -> Reward:
     (name,) = parts
     if name in _REGISTRY:
         return _REGISTRY[name](**kwargs)
-    module, factory = BUILTIN[name].split(":")
+    module, factory = BUILTIN[name].factory.split(":")
     return getattr(importlib.import_module(module), factory)(**kwargs)
 
 

@@ -23,13 +23,15 @@ def method_comparison(params: Params, tracker=None) -> dict:
     curves = {m: [json.loads(line) for line in (p.variant(m) / "metrics.jsonl").read_text().splitlines()]
               for m in found}
     result = compare(evals, curves, p.comparison)
+    # the stage's metadata names the variants; their numbers are in comparison.json
+    meta = {"variants": found, "columns": result["columns"], "table": result["table"]}
     if tracker is not None:
         run_id = tracker.start_run("method_comparison", {"kind": "comparison"})
         for f in ["table.md", "comparison.json", "comparison.png", "curves.png"]:
             tracker.log_artifact(run_id, p.comparison / f)
         tracker.end_run(run_id)
-        result["run_id"] = run_id
-    return result
+        meta["run_id"] = run_id
+    return meta
 
 
 def promoted_model(params: Params, tracker) -> dict:

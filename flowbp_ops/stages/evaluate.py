@@ -63,7 +63,7 @@ def _evaluation(params: Params, method: str, tracker) -> dict:
     import torch
 
     from flowbp_ops.adapters import load_trained
-    from flowbp_ops.evaluation import judge_for
+    from flowbp_ops.backbones.table import get_backbone, judge_for
     from flowbp_ops.rewards.base import get_reward
     from flowbp_ops.rollout_store import load_rollouts
     from flowbp_ops.sampling import generate
@@ -74,7 +74,7 @@ def _evaluation(params: Params, method: str, tracker) -> dict:
     rewards = {n: get_reward(n, world_dir=params.world_dir, device=params.device) for n in names}
     judge = judge_for(params.train.backbone, params.world_dir)
     bb = backbone_of(params, from_embeddings=True)  # the base model; the variant's weights go onto it below
-    batch = 64 if params.train.backbone == "default" else 4  # real backbones: 512² images, fp32 VAE decode
+    batch = get_backbone(params.train.backbone).eval_batch  # real backbones: 512² images, fp32 VAE decode
 
     shards = list(load_rollouts(p.rollouts))
     prompts = sum((s[0] for s in shards), [])
@@ -132,6 +132,11 @@ def _write(p, method: str, metrics: dict, judge, base_grid, grid, spread: list[s
         save_grid(base_grid[:n], grid[:n], spread[:n], tmp / "samples.png",
                   title + (" (green frame: the held-out judge finds the prompt)" if judge is not None else ""),
                   [_verdicts(judge, g[:n], spread[:n]) for g in (base_grid, grid)] if judge is not None else None)
+
+
+def gate_checks(params: Params, method: str, meta: dict) -> list[dict]:
+    """The evaluation stage's asset checks: one per gate, as measured."""
+    return [{"name": g, "passed": bool(r["passed"]), "metadata": r} for g, r in meta["gates"].items()]
 
 
 def gates(params: Params, base: dict, tuned: dict) -> dict[str, dict]:

@@ -10,6 +10,7 @@ from typing import Callable
 from flowbp_ops.atomic import atomic_path
 from flowbp_ops.integrity import file_sha256, seal, verify
 from flowbp_ops.params import Params
+from flowbp_ops.rewards.base import CONVERTED
 from flowbp_ops.stages.paths import paths
 from flowbp_ops.surrogate.config import ConfigError
 
@@ -33,19 +34,13 @@ def reward_models(params: Params, progress: Callable | None = None) -> dict:
         meta = {"source": r.source, "sha256": fetch(r.source, target, r.sha256)}
     for name, uri in r.models.items():  # e.g. pickscore: hf://yuvalkirstain/PickScore_v1@<revision>
         path = uri.split("?")[0]
-        if path.endswith(".pt") or (name in CONVERTERS and path.endswith(".safetensors")):  # a published file: convert
+        if path.endswith(".pt") or (name in CONVERTED and path.endswith(".safetensors")):  # a published file: convert
             meta[f"{name}.sha256"] = _convert_reward(name, uri, r, target)
         else:
             meta[f"{name}.sha256"] = fetch(uri, target / name, r.checksums.get(name))
     if target.exists():
         seal(target)  # every reward's files, checked when a reward loads them
     return meta
-
-
-# rewards published as one checkpoint file, converted (tensors only) into rewards/<name>/ with their tokenizer
-CONVERTERS = {"hpsv2": "flowbp_ops.rewards.hpsv2:convert_open_clip_checkpoint",
-              "imagereward": "flowbp_ops.rewards.imagereward:convert_checkpoint",
-              "hpsv3": "flowbp_ops.rewards.hpsv3:convert_checkpoint"}
 
 
 def _convert_reward(name: str, uri: str, r, target: Path) -> str:
@@ -56,15 +51,13 @@ def _convert_reward(name: str, uri: str, r, target: Path) -> str:
 
     from flowbp_ops.storage import fetch
 
-    converters = CONVERTERS
-    if name not in converters:
-        raise ConfigError(f"rewards.models.{name}={uri!r}: only {', '.join(converters)} are converted from .pt "
+    if name not in CONVERTED:
+        raise ConfigError(f"rewards.models.{name}={uri!r}: only {', '.join(CONVERTED)} are converted from .pt "
                           "checkpoints; give a folder in save_pretrained layout (safetensors) instead")
     if name not in r.tokenizers:
         raise ConfigError(f"rewards.models.{name} is a published checkpoint: set rewards.tokenizers.{name} to its "
-                          "tokenizer folder (hpsv2: a CLIP ViT-H-14 tokenizer; imagereward: bert-base-uncased; hpsv3: "
-                          "Qwen2-VL-7B-Instruct's configs and tokenizer)")
-    module, fn = converters[name].split(":")
+                          f"tokenizer folder (the published one: {CONVERTED[name].tokenizer})")
+    module, fn = CONVERTED[name].converter.split(":")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / ("checkpoint" + Path(uri.split("?")[0]).suffix)
         digest = fetch(uri, ckpt, r.checksums.get(name))

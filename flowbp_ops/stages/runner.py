@@ -16,10 +16,9 @@ import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
-from flowbp_ops import stages
 from flowbp_ops.locks import stage_lock
 from flowbp_ops.params import Params
-from flowbp_ops.stages.graph import BY_NAME, Stage, stage_transfers
+from flowbp_ops.stages.graph import BY_NAME, Stage, distributed_stages, resumable_transfers, stage_transfers
 from flowbp_ops.surrogate.config import ConfigError
 
 # stdlib logging: Dagster shows these records in a run's event log when its instance lists "flowbp_ops" among
@@ -37,20 +36,12 @@ def log_progress(label: str, every: float = 0.1):
     return progress
 
 
-def check_results(stage: Stage, meta: dict, params: Params, method: str | None) -> list[dict]:
-    """The stage's asset checks from its outputs: ``{"name", "passed", "metadata"}`` each."""
-    if stage.name == "trained_variant":
-        finite = stages.finite_weights(stages.paths(params).variant(method) / "adapter")
-        return [{"name": "finite_weights", "passed": finite["passed"], "metadata": finite}]
-    if stage.name == "evaluation":
-        return [{"name": g, "passed": bool(r["passed"]), "metadata": r} for g, r in meta["gates"].items()]
-    return []
-
-
 def run_stage(name: str, params: Params, method: str | None = None, *, tracker=None, tags: dict | None = None,
               dist=None, store=None, callbacks: tuple = ()) -> tuple[dict, list[dict]]:
     """Run stage ``name`` (for ``method`` when per method); returns (metadata, check results). Rank 0 of a
-    distributed run holds the lock and moves data; every rank trains."""
+    distributed run holds the lock and moves data; every rank runs the stage. The stage's function gets what
+    its signature asks for of: tracker, tags, dist, callbacks, progress, and (with a store, for a resumable
+    stage) on_checkpoint and run_key."""
     from flowbp_ops.training.distributed import Dist
 
     stage, dist = BY_NAME[name], dist or Dist()
@@ -62,43 +53,40 @@ def run_stage(name: str, params: Params, method: str | None = None, *, tracker=N
         raise ConfigError(f"stage {name} needs a method, one of {', '.join(params.methods)}")
     if not stage.per_method and method:
         raise ConfigError(f"stage {name} is not per method: drop the method")
-    kwargs: dict[str, Any] = {"tracker": tracker} if stage.tracked else {}
-    if name == "trained_variant":
-        kwargs.update(tags=tags, dist=dist, callbacks=callbacks)
+    if dist.active and not stage.distributed:
+        raise ConfigError(f"stage {name} runs in one process: only {', '.join(distributed_stages())} run under "
+                          "torchrun / --nproc")
+    label = name + (f"[{method}]" if method else "")
+    offered: dict[str, Any] = {"tracker": tracker, "tags": tags, "dist": dist, "callbacks": callbacks,
+                               "progress": log_progress(name)}
     with stage_lock(params.data_dir, name, method) if dist.main else nullcontext():
         if store is not None and dist.local_rank == 0:  # each node's first process brings the inputs
             for up, transfers in stage_transfers(stage, params, method, inputs=True).items():
                 for key, path in transfers:
-                    store.pull(key, path, needed_by=f"{name}" + (f"[{method}]" if method else "") + f" (from {up})")
-            if name == "trained_variant":  # a run killed elsewhere resumes from its pushed checkpoints
-                key, path = _run_transfer(params, method)
+                    store.pull(key, path, needed_by=f"{label} (from {up})")
+            resumable = resumable_transfers(stage, params, method)
+            for key, path in resumable:  # a run killed elsewhere resumes from its pushed checkpoints
                 store.pull(key, path)
-                kwargs.update(on_checkpoint=lambda run_dir: store.push(key, run_dir),
-                              run_key=f"{store.uri}/{key}")
+            if resumable:
+                offered["on_checkpoint"] = lambda _: [store.push(key, path) for key, path in resumable]
+                offered["run_key"] = f"{store.uri}/{resumable[0][0]}"  # the same on every machine
         dist.barrier()
-        fn = getattr(stages, name)
-        if "progress" in inspect.signature(fn).parameters:  # the default world's builds report their progress
-            kwargs["progress"] = log_progress(name)
-        label = name + (f"[{method}]" if method else "")
+        fn = stage.function()
+        accepted = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in offered.items() if k in accepted}
         log.info("%s: started", label)
         t0 = time.perf_counter()
         meta = fn(params, method, **kwargs) if stage.per_method else fn(params, **kwargs)
         log.info("%s: done in %.1f s", label, time.perf_counter() - t0)
         if not dist.main:
             return {}, []
-        checks = check_results(stage, meta, params, method)
+        checks = stage.check(params, method, meta)
         if store is not None:
             for key, path in stage_transfers(stage, params, method)[name]:
                 if path.exists():
                     store.push(key, path)
             meta = {**meta, "store": store.uri}
     return meta, checks
-
-
-def _run_transfer(params: Params, method: str):
-    (key, path), = [(k, p) for k, p in stage_transfers(BY_NAME["trained_variant"], params, method)["trained_variant"]
-                    if k.startswith("data/runs/")]
-    return key, path
 
 
 # -- the process end of Dagster Pipes ----------------------------------------------------------------
@@ -137,7 +125,26 @@ def pipes_session() -> Iterator[Any]:
     from dagster_pipes import open_dagster_pipes
 
     with open_dagster_pipes() as pipes:
-        yield pipes
+        # the library's stdlib log records reach the run's event log from here too, as they do from an op in the
+        # Dagster process through the instance's managed loggers
+        lib, forward = logging.getLogger("flowbp_ops"), _Forward(pipes.log)
+        level = lib.level
+        lib.addHandler(forward)
+        lib.setLevel(logging.INFO)
+        try:
+            yield pipes
+        finally:
+            lib.removeHandler(forward)
+            lib.setLevel(level)
+
+
+class _Forward(logging.Handler):
+    def __init__(self, to: logging.Logger):
+        super().__init__(logging.INFO)
+        self.to = to
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.to.log(record.levelno, record.getMessage())
 
 
 def report(pipes, stage: Stage, meta: dict, checks: list[dict]) -> None:

@@ -31,7 +31,7 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
     dist = dist or Dist()
     cfg = params.train_config(method)
     p = paths(params)
-    from flowbp_ops.evaluation import judge_for
+    from flowbp_ops.backbones.table import judge_for
 
     trainer = Trainer(cfg, backbone_of(params, from_embeddings=True), load_prompt_set(p.prompts, "train"),
                       {"world_dir": params.world_dir}, dist, eval_prompts=load_prompt_set(p.prompts, "test"),
@@ -160,6 +160,12 @@ def finite_weights(adapter: Path) -> dict:
                 if not bool(torch.isfinite(st.get_tensor(key)).all()):
                     bad.append(f"{f.relative_to(adapter)}:{key}")
     return {"passed": bool(files) and not bad, "files": len(files), "tensors": n, "non_finite": bad[:20]}
+
+
+def weight_checks(params: Params, method: str, meta: dict) -> list[dict]:
+    """The training stage's asset check: ``finite_weights`` over whatever it trained (LoRA or transformer)."""
+    finite = finite_weights(paths(params).variant(method) / "adapter")
+    return [{"name": "finite_weights", "passed": finite["passed"], "metadata": finite}]
 
 
 def _base_pin(params: Params) -> str:
