@@ -7,7 +7,7 @@ for when a multi-GPU machine is lent (the memory table in the README is computed
         --smoke   # CPU, gloo: checks the script
 
 The transformer is built from its published config on the meta device, sharded with flowbp's own
-``training.loop.shard`` (``fully_shard`` per block, then the root; bf16 compute, float32 master weights
+``training.distributed.fsdp_shard`` (``fully_shard`` per block, then the root; bf16 compute, float32 master weights
 and reductions), materialised on the GPUs and filled with random weights (nothing can be downloaded).
 Each timed step is flowbp's: one surrogate step of the method at 512² with 25-step rollouts, backward,
 clip, AdamW, EMA. Reported per configuration: step time and the peak GPU memory of the worst rank
@@ -55,8 +55,8 @@ def main() -> None:
     from flowbp_ops.surrogate.plan import build_plan
     from flowbp_ops.training import distributed
     from flowbp_ops.training.config import TrainConfig
+    from flowbp_ops.training.distributed import fsdp_shard
     from flowbp_ops.training.ema import EMA
-    from flowbp_ops.training.loop import shard
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", choices=["sd35", "flux1", "flux2"], default="sd35")
@@ -71,7 +71,7 @@ def main() -> None:
     model, config, mod, velocity_name, CFGCond, Denoiser = build(a.arch, device, a.smoke)
     cfg = TrainConfig(method=a.methods[0], backbone=a.arch, finetune="full",
                       precision="bf16" if cuda else "fp32", gradient_checkpointing=True)
-    shard(model, cfg, torch.device(device))
+    fsdp_shard(model, cfg.precision)
     model.to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():

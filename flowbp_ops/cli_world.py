@@ -86,7 +86,9 @@ def _train(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
     from flowbp_ops.adapters import save_trained
+    from flowbp_ops.backbones.loading import base_record
     from flowbp_ops.locks import exclusive
+    from flowbp_ops.training.callbacks import SampleFiles
     from flowbp_ops.training.loop import Trainer
     from flowbp_ops.training.run_dir import RunDir
 
@@ -105,23 +107,16 @@ def _train(args: argparse.Namespace) -> int:
 
         trainer = Trainer(cfg, backbone, prompts, {"world_dir": world}, dist,  # everything that can refuse, first
                           eval_prompts=load_prompts(world, "test"), judge=judge_for(cfg.backbone, world))
-        if args.resume:
-            point = run.resume_point(cfg.identity(), dist=dist)
-            if point.checkpoint is None:
-                raise ConfigError(f"cannot resume {out}: {point.reason}; resume with the settings it was started "
-                                  "with, or start over with --overwrite")
-            for note in point.passed_over if dist.main else ():
-                print(f"flowbp: warning: {note}; resuming from an older checkpoint", file=sys.stderr)
-            if dist.main:
-                print(f"flowbp: {point.reason}", file=sys.stderr)
-            trainer.restore(point.checkpoint, point.meta)
-        elif run.holds_run() or (out / "adapter").exists():
-            if not args.overwrite:
-                raise FileExistsError(f"{out} already holds a run (checkpoints up to step {run.last_step()}): pass "
-                                      "--resume to continue it, --overwrite to start it over, or another --out")
-            if dist.main:
-                run.start()
-        dist.barrier()
+        mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
+        try:
+            point = run.begin(trainer, mode, base_record(world, cfg.backbone), dist)
+        except FileExistsError:
+            raise FileExistsError(f"{out} already holds a run (checkpoints up to step {run.last_step()}): pass "
+                                  "--resume to continue it, --overwrite to start it over, or another --out") from None
+        for note in point.passed_over if dist.main and args.resume else ():
+            print(f"flowbp: warning: {note}; resuming from an older checkpoint", file=sys.stderr)
+        if dist.main and args.resume:
+            print(f"flowbp: {point.reason}", file=sys.stderr)
         if not dist.main:
             trainer.fit(out)
             trainer.trained_state()  # the collective that gathers FSDP2 shards for rank 0
@@ -137,7 +132,7 @@ def _train(args: argparse.Namespace) -> int:
 
         try:
             with bar:
-                result = trainer.fit(out, callbacks=[log, Progress()])
+                result = trainer.fit(out, callbacks=[log, SampleFiles(out), Progress()])
         finally:
             log.close()
         # LoRA file, or transformer/ under full fine-tuning

@@ -25,8 +25,7 @@ def main() -> None:
     from flowbp_ops.surrogate.plan import build_plan
     from flowbp_ops.surrogate.rollout import CFGCond, Denoiser
     from flowbp_ops.training import distributed
-    from flowbp_ops.training.config import TrainConfig
-    from flowbp_ops.training.loop import shard
+    from flowbp_ops.training.distributed import fsdp_shard
 
     arch, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
@@ -56,7 +55,7 @@ def main() -> None:
         cond = CFGCond(one(), one())
         make = lambda: Denoiser(Flux2Velocity(model, ids[None]), cfg_scale=4.0)  # noqa: E731
     if dist.active:
-        shard(model, TrainConfig(finetune="full", precision="fp32"), torch.device("cpu"))
+        fsdp_shard(model, "fp32")
     part = slice(dist.rank * batch // dist.world, (dist.rank + 1) * batch // dist.world)
     pick = lambda c: {k: v[part] for k, v in c.items()}  # noqa: E731
     cond = CFGCond(pick(cond.pos), pick(cond.neg)) if isinstance(cond, CFGCond) else pick(cond)

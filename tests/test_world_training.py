@@ -189,6 +189,7 @@ def test_cli_train_sample_evaluate_and_refusals(world, tmp_path, capsys):
 
     assert main(base + ["--set", "steps=2", "--set", "batch=2", "--set", "rollout_steps=4"]) == 0
     assert (run / "adapter" / "transformer" / "config.json").exists() and (run / "metrics.jsonl").exists()  # full FT
+    assert [f.name for f in sorted((run / "samples").iterdir())] == ["step-000002.png"]  # samples per checkpoint
     capsys.readouterr()
     png = tmp_path / "grid.png"
     assert main(["sample", "--world", str(world), "--adapter", str(run / "adapter"), "--steps", "3",

@@ -21,6 +21,13 @@ from flowbp_ops.surrogate.config import ConfigError
 RECORD = "backbone.json"
 
 
+def base_record(world_dir: str | Path, kind: str) -> str:
+    """What a run trains on, as text a resumed run must find unchanged: a real model's pin (``backbone.json``), or
+    the default model's build record (``base_model.json``); "" when neither is there."""
+    record = Path(world_dir) / ("base_model.json" if kind == "default" else RECORD)
+    return record.read_text() if record.exists() else ""
+
+
 def adapter_class(kind: str):
     from flowbp_ops.backbones.table import get_backbone
 

@@ -23,7 +23,9 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
     and starts over otherwise; either way only after everything that can refuse has been checked (the
     settings at load; the base model, prompts, rewards, batch layout and method here), so a refused run
     loses nothing. Under torchrun every process trains (``dist``); rank 0 alone writes and tracks."""
+    from flowbp_ops.backbones.loading import base_record
     from flowbp_ops.prompts import load_prompt_set
+    from flowbp_ops.training.callbacks import MlflowReport, OnCheckpoint, SampleFiles
     from flowbp_ops.training.distributed import Dist
     from flowbp_ops.training.loop import Trainer
     from flowbp_ops.training.run_dir import RunDir
@@ -36,15 +38,8 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
     trainer = Trainer(cfg, backbone_of(params, from_embeddings=True), load_prompt_set(p.prompts, "train"),
                       {"world_dir": params.world_dir}, dist, eval_prompts=load_prompt_set(p.prompts, "test"),
                       judge=judge_for(params.train.backbone, params.world_dir))
-    if on_checkpoint is not None:
-        trainer.checkpoint_hooks.append(on_checkpoint)
-    run, base = RunDir(p.run(method)), _base_pin(params)
-    point = run.resume_point(cfg.identity(), base, dist)
-    if point.checkpoint is not None:
-        trainer.restore(point.checkpoint, point.meta)
-    elif dist.main:
-        run.start(base)
-    dist.barrier()
+    run = RunDir(p.run(method))
+    point = run.begin(trainer, "auto", base_record(params.world_dir, params.train.backbone), dist)
     if not dist.main:
         trainer.fit(run.path)
         trainer.trained_state()  # the collective that gathers FSDP2 shards for rank 0
@@ -62,22 +57,14 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
         for row in log.rows:  # a resumed run's earlier steps, so the MLflow run holds the whole curve
             tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "step"}, row["step"])
 
-    class Report:
-        def on_step(self, step, m):
-            if tracker is not None:
-                tracker.log_metrics(run_id, {k: v for k, v in m.items() if isinstance(v, (int, float))}, step)
-                if trainer.eval_images is not None and any(k.startswith("ema_eval/") for k in m):
-                    # the EMA model's samples at this step: MLflow's image history, one strip per evaluation
-                    strip = trainer.eval_images.permute(2, 0, 3, 1).flatten(1, 2)  # (H, B·W, 3)
-                    tracker.log_image(run_id, (strip.clamp(0, 1) * 255).round().byte().numpy(), "ema_samples",
-                                      step)
-            for cb in callbacks:  # the caller's: progress, Dagster Pipes log lines
-                cb.on_step(step, m)
-
+    # metrics.jsonl; MLflow's metrics and per-checkpoint samples (or PNGs in the run folder); the store's push;
+    # the caller's (progress, Dagster Pipes log lines)
+    report = [log, MlflowReport(tracker, run_id) if tracker is not None else SampleFiles(run.path)]
+    report += [OnCheckpoint(on_checkpoint)] if on_checkpoint is not None else []
     t0 = time.perf_counter()
     try:
         with tracker.system_metrics(run_id) if tracker is not None else nullcontext():
-            result = trainer.fit(run.path, callbacks=[log, Report()])
+            result = trainer.fit(run.path, callbacks=[*report, *callbacks])
         summary = _write_variant(params, method, trainer, log.rows, {
             "method": method, "run_id": run_id, "steps": cfg.steps, "skipped": result["skipped"],
             "seconds": time.perf_counter() - t0, "final": result["last"] or (log.rows[-1] if log.rows else {}),
@@ -166,13 +153,6 @@ def weight_checks(params: Params, method: str, meta: dict) -> list[dict]:
     """The training stage's asset check: ``finite_weights`` over whatever it trained (LoRA or transformer)."""
     finite = finite_weights(paths(params).variant(method) / "adapter")
     return [{"name": "finite_weights", "passed": finite["passed"], "metadata": finite}]
-
-
-def _base_pin(params: Params) -> str:
-    """What the run trains on: the real model's pin, or the default model's build record."""
-    w = paths(params).world
-    record = w / ("base_model.json" if params.train.backbone == "default" else "backbone.json")
-    return record.read_text() if record.exists() else ""
 
 
 def _register(params: Params, tracker, run_id: str, adapter: Path, tags: dict[str, str]) -> str:

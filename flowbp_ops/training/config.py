@@ -57,6 +57,9 @@ class TrainConfig(BaseModel):
     ema_eval_every: int | None = Field(50, ge=1, description="evaluate the EMA weights at step 1 and every this "
                                        "many steps on a fixed held-out subset (None: never)")
     ema_eval_prompts: int = Field(16, ge=1, description="held-out prompts of that evaluation")
+    checkpoint_samples: int = Field(8, ge=0, le=64, description="held-out prompts sampled at each checkpoint (the "
+                                    "EMA weights when kept; same noise each time): MLflow's image history by step, "
+                                    "or PNGs in the run folder (0: none)")
     pretrain_weight: float | None = Field(
         None, ge=0, description="weight of the base model's own flow-matching loss on its training data, added to "
         "the reward loss (ReFL's pre-training loss: keeps samples diverse; measured). None: 1.0 on the default world "
@@ -126,7 +129,7 @@ class TrainConfig(BaseModel):
     # how a run is laid out, kept and how long it goes, not what each step computes: a run resumes across
     # changes of these (steps=400 continues a finished 300-step run)
     LAYOUT_FIELDS: ClassVar[tuple[str, ...]] = ("steps", "gradient_checkpointing", "checkpoint_every", "keep_last",
-                                                "max_bad_steps")
+                                                "max_bad_steps", "checkpoint_samples")
 
     def identity(self) -> dict:
         """The settings that define what a run computes (resume needs them equal). With ``global_batch`` set, the

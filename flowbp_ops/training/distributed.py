@@ -146,3 +146,20 @@ def launch(args: list[str]) -> int:
               file=sys.stderr)
         return code
     return 0
+
+
+def fsdp_shard(transformer: torch.nn.Module, precision: str) -> None:
+    """FSDP2 for full fine-tuning on several processes: ``fully_shard`` on every transformer block, then the root.
+    bf16 compute with float32 gradient reduction when training in bf16 (the float32 master weights are the
+    sharded parameters themselves)."""
+    import re
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" else MixedPrecisionPolicy()
+    blocks = [m for name, m in transformer.named_modules() if re.fullmatch(r"(transformer_blocks|"
+                                                                           r"single_transformer_blocks)\.\d+", name)]
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(transformer, mp_policy=policy)

@@ -11,12 +11,12 @@ run with the last good checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable
 
 import torch
 
@@ -28,9 +28,10 @@ from flowbp_ops.surrogate.config import ConfigError
 from flowbp_ops.surrogate.plan import build_plan
 from flowbp_ops.surrogate.runtime import Runtime
 from flowbp_ops.training import batches
+from flowbp_ops.training.callbacks import Callback
 from flowbp_ops.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from flowbp_ops.training.config import TrainConfig
-from flowbp_ops.training.distributed import Dist
+from flowbp_ops.training.distributed import Dist, fsdp_shard
 from flowbp_ops.training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-class Callback(Protocol):
-    def on_step(self, step: int, metrics: dict[str, Any]) -> None: ...
 
 
 def attach_trainable(backbone, cfg: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
@@ -62,21 +59,6 @@ def attach_trainable(backbone, cfg: TrainConfig) -> list[tuple[str, torch.nn.Par
 
     cast_training_params(tr, torch.float32)
     return [(n, p) for n, p in tr.named_parameters() if p.requires_grad]
-
-
-def shard(transformer: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
-    """FSDP2 for full fine-tuning on several processes: ``fully_shard`` on every transformer block, then the root.
-    bf16 compute with float32 gradient reduction when training in bf16 (the float32 master weights are the
-    sharded parameters themselves)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if cfg.precision == "bf16" else MixedPrecisionPolicy()
-    blocks = [m for name, m in transformer.named_modules() if re.fullmatch(r"(transformer_blocks|"
-                                                                           r"single_transformer_blocks)\.\d+", name)]
-    for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(transformer, mp_policy=policy)
 
 
 class Trainer:
@@ -107,7 +89,6 @@ class Trainer:
             self.sigmas = torch.from_numpy(self.sigmas).to(torch.bfloat16).double().numpy()
         self.eval_prompts = (eval_prompts or [])[: cfg.ema_eval_prompts]
         self.judge = judge  # a held-out judge (``judge.metrics(images, prompts)``) for the EMA evaluations
-        self.eval_images: torch.Tensor | None = None  # the last EMA evaluation's first samples (for tracking)
         self.device = getattr(backbone, "device", torch.device("cpu"))
         # reward models live where the images are decoded
         reward_kwargs = {"device": self.device, **(reward_kwargs or {})}
@@ -121,7 +102,7 @@ class Trainer:
         attach_trainable(backbone, cfg)
         self.sharded = cfg.finetune == "full" and dist.active
         if self.sharded:
-            shard(backbone.transformer, cfg, self.device)
+            fsdp_shard(backbone.transformer, cfg.precision)
         if cfg.gradient_checkpointing:
             backbone.transformer.enable_gradient_checkpointing()
         self.named = [(n, p) for n, p in backbone.transformer.named_parameters() if p.requires_grad]
@@ -138,7 +119,6 @@ class Trainer:
                                                   lora=cfg.finetune == "lora")
         self.step, self.skipped = 0, 0
         self.runtime = Runtime()  # checkpointing and the auto mode, measured on the first steps
-        self.checkpoint_hooks: list = []  # called on rank 0 with the run folder after each checkpoint (a push)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _optimizer_state(self):
@@ -158,14 +138,10 @@ class Trainer:
         return tensors, osd
 
     def restore(self, checkpoint: Path, meta: dict) -> int:
-        """Weights, AdamW and EMA from ``checkpoint`` (written by this config, on any number of processes);
-        returns its step. Data order and noise follow from the step alone."""
+        """Weights, AdamW and EMA from ``checkpoint`` (one that ``RunDir.resume_point`` chose for this config, on any
+        number of processes); returns its step. Data order and noise follow from the step alone."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        identity = self.cfg.identity()
-        if {k: meta["config"].get(k) for k in identity} != identity:
-            raise ValueError(f"the checkpoint in {checkpoint} was written by a different config; resume with the "
-                             "same one")
         tensors, osd = self.state_tensors()
         load_checkpoint(checkpoint, tensors)
         set_optimizer_state_dict(self.backbone.transformer, self.opt, osd)
@@ -184,17 +160,36 @@ class Trainer:
         reward and the held-out rewards, as the authors log it at step 1 and every 50 steps (spec §6.12)."""
         from flowbp_ops.sampling import generate
 
-        self.ema.swap(self.params)
-        try:
+        with self.evaluated_weights():
             images = generate(self.backbone, self.eval_prompts, self.cfg.rollout_steps, self.cfg.guidance, seed=42)
-            self.eval_images = images[:8].detach().float().cpu()
             out = {"ema_eval/reward": float(self.reward(images, self.eval_prompts).mean())}
             out.update({f"ema_eval/{n}": float(h(images, self.eval_prompts).mean()) for n, h in self.heldout.items()})
             if self.judge is not None:
                 out.update({f"ema_eval/{k}": v for k, v in self.judge.metrics(images, self.eval_prompts).items()})
-        finally:
-            self.ema.swap(self.params)
         return out
+
+    @contextlib.contextmanager
+    def evaluated_weights(self):
+        """The weights a run is evaluated and saved with: the EMA's when it keeps one (swapped in, then back)."""
+        if self.ema is not None:
+            self.ema.swap(self.params)
+        try:
+            yield
+        finally:
+            if self.ema is not None:
+                self.ema.swap(self.params)
+
+    @torch.no_grad()
+    def checkpoint_samples(self) -> torch.Tensor | None:
+        """The evaluated weights' images of the first ``checkpoint_samples`` held-out prompts (the same noise at
+        every checkpoint); every process takes part (FSDP2 gathers weights in the forward)."""
+        from flowbp_ops.sampling import generate
+
+        prompts = self.eval_prompts[: self.cfg.checkpoint_samples]
+        if not prompts:
+            return None
+        with self.evaluated_weights():
+            return generate(self.backbone, prompts, self.cfg.rollout_steps, self.cfg.guidance, seed=42).float().cpu()
 
     def trained_state(self) -> dict[str, torch.Tensor] | None:
         """Under FSDP2 the whole transformer's weights gathered on rank 0 (a collective: every rank calls it; None
@@ -212,9 +207,6 @@ class Trainer:
         meta = {"config": self.cfg.model_dump(mode="json"), "step": self.step, "skipped": self.skipped,
                 "ema_steps": self.ema.steps if self.ema else 0, "global_batch": self.layout.global_batch}
         save_checkpoint(run_dir, self.step, tensors, meta, self.cfg.keep_last, self.dist, self.sharded)
-        if self.dist.main:
-            for hook in self.checkpoint_hooks:
-                hook(run_dir)
 
     # -- one optimizer step ---------------------------------------------------------------------
     def _micro_batch(self, denoiser, plan, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
@@ -372,6 +364,10 @@ class Trainer:
                     cb.on_step(step, last)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self._save(run_dir)
+                samples = self.checkpoint_samples()
+                for cb in callbacks if dist.main else ():
+                    if hasattr(cb, "on_checkpoint"):
+                        cb.on_checkpoint(self.step, run_dir, samples)
         if self.ema is not None:
             self.ema.copy_to(self.params)  # evaluate (and save) the EMA weights
         return {"last": last, "skipped": self.skipped, "steps": cfg.steps}
@@ -380,14 +376,10 @@ class Trainer:
 def train(cfg: TrainConfig, backbone, prompts: list[str], run_dir: str | Path, callbacks: Iterable[Callback] = (),
           resume: bool = False, stop_after: int | None = None, reward_kwargs: dict | None = None,
           dist: Dist = Dist(), eval_prompts: list[str] | None = None, judge=None) -> dict[str, Any]:
-    """Train ``backbone.transformer`` in place; with ``resume`` from the newest intact checkpoint of ``run_dir``."""
+    """Train ``backbone.transformer`` in place into ``run_dir`` (started over); with ``resume`` from its newest
+    intact checkpoint."""
     from flowbp_ops.training.run_dir import RunDir
 
     trainer = Trainer(cfg, backbone, prompts, reward_kwargs, dist, eval_prompts, judge)
-    if resume:
-        point = RunDir(run_dir).resume_point(cfg.identity(), dist=dist)
-        if point.checkpoint is None:
-            raise ConfigError(f"cannot resume {run_dir}: {point.reason}; resume with the settings it was started "
-                              "with, or start it over")
-        trainer.restore(point.checkpoint, point.meta)
+    RunDir(run_dir).begin(trainer, "resume" if resume else "overwrite", dist=dist)
     return trainer.fit(run_dir, callbacks, stop_after)

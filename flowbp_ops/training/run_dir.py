@@ -69,6 +69,31 @@ class RunDir:
                     "order")
         return ResumePoint(ckpt, int(meta["step"]), why, passed, meta)
 
+    def begin(self, trainer, mode: str = "auto", base: str | None = None, dist: Dist = Dist()) -> ResumePoint:
+        """The one resume decision, acted on: the trainer restored from the chosen checkpoint, or the folder cleared
+        for a new run (called once everything that can refuse has been built). ``auto`` continues an identical run
+        on the same base model and starts over otherwise (the pipeline); ``resume`` continues or refuses, saying
+        why; ``new`` refuses a folder that holds a run; ``overwrite`` starts over."""
+        from flowbp_ops.surrogate.config import ConfigError
+
+        if mode not in ("auto", "resume", "new", "overwrite"):
+            raise ValueError(f"RunDir.begin mode {mode!r}: auto, resume, new or overwrite")
+        point = self.resume_point(trainer.cfg.identity(), base, dist)
+        if mode == "resume" and point.checkpoint is None:
+            raise ConfigError(f"cannot resume {self.path}: {point.reason}; resume with the settings it was started "
+                              "with, or start it over")
+        if mode == "new" and (self.holds_run() or (self.path / "adapter").exists()):
+            raise FileExistsError(f"{self.path} already holds a run (checkpoints up to step {self.last_step()}): "
+                                  "resume it, start it over, or train into another folder")
+        if mode in ("auto", "resume") and point.checkpoint is not None:
+            trainer.restore(point.checkpoint, point.meta)
+        else:
+            if dist.main:
+                self.start(base)
+            point = ResumePoint(None, 0, point.reason if mode == "auto" else "a new run", point.passed_over)
+        dist.barrier()
+        return point
+
     def start(self, base: str | None = None) -> None:
         """Clear the folder for a new run (call only once everything that can refuse has been checked)."""
         remove(self.path)
