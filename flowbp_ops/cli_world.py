@@ -136,7 +136,7 @@ def _train(args: argparse.Namespace) -> int:
         finally:
             log.close()
         # LoRA file, or transformer/ under full fine-tuning
-        save_trained(backbone, cfg.finetune, out / "adapter", trainer.trained_state())
+        save_trained(backbone, cfg.finetune, out / "weights", trainer.trained_state())
     print(json.dumps({"run": str(out), **result["last"], "skipped": result["skipped"], "processes": dist.world,
                       "global_batch": trainer.layout.global_batch}, indent=2))
     return 0
@@ -231,8 +231,8 @@ def _load_backbone(args):
 
     pin_for_world(args.world)
     backbone = DefaultBackbone(Path(args.world))
-    if args.adapter:
-        load_trained(backbone, args.adapter)
+    if args.weights:
+        load_trained(backbone, args.weights)
     return backbone
 
 
@@ -300,8 +300,8 @@ def add_commands(sub) -> None:
     for name, fn, hlp in [("sample", _cmd_sample, "generate images"), ("evaluate", _cmd_evaluate, "held-out metrics")]:
         p = sub.add_parser(name, help=hlp)
         p.add_argument("--world", default="data/world")
-        p.add_argument("--adapter", default=None,
-                       help="the adapter directory of flowbp train (a LoRA, or the transformer of a full fine-tune)")
+        p.add_argument("--weights", "--adapter", dest="weights", default=None,
+                       help="the weights folder flowbp train wrote (a LoRA adapter or a fully fine-tuned transformer)")
         p.add_argument("--steps", type=positive_int, default=20)
         p.add_argument("--guidance", type=finite_float, default=4.0)
         p.add_argument("--seed", type=int, default=42)

@@ -1,4 +1,4 @@
-"""The registered model: a pyfunc that loads the base model plus the trained adapter and draws images.
+"""The registered model: a pyfunc that loads the base model plus the trained weights and draws images.
 
     model = mlflow.pyfunc.load_model("models:/flowbp-default@champion")
     images = model.predict(["a photo of a red seven"], params={"steps": 20, "guidance": 4.0, "seed": 42})
@@ -27,7 +27,7 @@ class FlowbpImageModel(mlflow.pyfunc.PythonModel):
         kind = json.loads((base / RECORD).read_text())["backbone"] if (base / RECORD).exists() else "default"
         device = "cuda" if kind != "default" and torch.cuda.is_available() else "cpu"
         self.backbone = load_backbone(kind, base, device=device, disk_cache=False)
-        load_trained(self.backbone, context.artifacts["adapter"])  # a LoRA, or a fully fine-tuned transformer
+        load_trained(self.backbone, context.artifacts["weights"])  # a LoRA, or a fully fine-tuned transformer
 
     def predict(self, context, model_input, params: dict | None = None):
         from flowbp_ops.sampling import generate

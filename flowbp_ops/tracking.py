@@ -1,4 +1,4 @@
-"""MLflow: one run per trained variant, its adapter as a registered model, promotion by alias.
+"""MLflow: one run per trained variant, its weights as a registered model, promotion by alias.
 
 The default store is embedded (``sqlite:///mlflow/mlflow.db``, artifacts under
 ``mlflow/artifacts``); a server (``http://host:5000``, with S3 artifacts through boto3) is a
@@ -217,9 +217,10 @@ class Tracker:
 
     # -- the registry ------------------------------------------------------------------------
 
-    def register_variant(self, run_id: str, model_name: str, base_dirs: dict[str, Path], adapter_dir: Path,
+    def register_variant(self, run_id: str, model_name: str, base_dirs: dict[str, Path], weights_dir: Path,
                          tags: dict[str, str]) -> str:
-        """Log base + adapter as a pyfunc model in ``run_id`` and register it; returns the version."""
+        """Log base + trained weights (LoRA or transformer) as a pyfunc model in ``run_id`` and register it;
+        returns the version."""
         import numpy as np
         from mlflow.models import infer_signature
 
@@ -235,7 +236,7 @@ class Tracker:
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=code.__file__,  # models from code: nothing pickled
-                    artifacts={"base": str(base), "adapter": str(adapter_dir)},
+                    artifacts={"base": str(base), "weights": str(weights_dir)},
                     signature=signature, pip_requirements=["flowbp"], metadata={"flowbp": tags})
         mv = mlflow.register_model(info.model_uri, model_name, tags=tags)
         return str(mv.version)

@@ -171,7 +171,7 @@ def test_two_nodes_rendezvous_on_localhost(world, tmp_path):
                                                      for o in outs]
     printed = [json.loads(o[0][o[0].index("{"):]) for o in outs if "{" in o[0]]
     assert len(printed) == 1 and printed[0]["processes"] == 2 and printed[0]["global_batch"] == 4
-    assert (tmp_path / "r" / "adapter" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "r" / "weights" / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_a_second_run_of_the_variant_is_refused_under_nproc(world, tmp_path):

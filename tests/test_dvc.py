@@ -52,7 +52,7 @@ def test_repro_runs_the_chain_then_nothing(repo):
     assert ran(first) == {"prompt_sets", "reward_models", "base_model", "prompt_embeddings", "base_rollouts",
                           "trained_variant@flowbp_sparse", "evaluation@flowbp_sparse", "method_comparison",
                           "promoted_model"}
-    assert (repo / "data" / "variants" / "flowbp_sparse" / "adapter" / "pytorch_lora_weights.safetensors").exists()
+    assert (repo / "data" / "variants" / "flowbp_sparse" / "weights" / "pytorch_lora_weights.safetensors").exists()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert "trained_variant@flowbp_sparse" in lock and lock["base_rollouts"]["outs"][0]["path"] == "data/rollouts"
     summary = json.loads((repo / "data" / "variants" / "flowbp_sparse" / "summary.json").read_text())

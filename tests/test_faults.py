@@ -463,21 +463,21 @@ def test_dvc_repro_with_a_hostile_method_name(clone):
 # ---------------------------------------------------------------------------------------------------
 
 @fault(5, "a flipped byte in a trained LoRA, then the evaluation stage",
-       "refused: the adapter differs from the checksum recorded at training; the old evaluation stays")
-def test_flipped_adapter_byte_is_not_evaluated(ws):
-    _damage(ws / "data" / "variants" / "refl" / "adapter" / "pytorch_lora_weights.safetensors", "flip")
+       "refused: the weights differ from the checksum recorded at training; the old evaluation stays")
+def test_flipped_weights_byte_is_not_evaluated(ws):
+    _damage(ws / "data" / "variants" / "refl" / "weights" / "pytorch_lora_weights.safetensors", "flip")
     before = state(ws / "data" / "eval")
     code, err = cli("stage", "evaluation", "--method", "refl")
-    refused(code, err, r"adapter differs from the checksum")
+    refused(code, err, r"weights differs from the checksum")
     assert state(ws / "data" / "eval") == before
 
 
 @fault(5, "the LoRA file replaced by another valid LoRA (manifest edited too)",
        "refused by the summary's checksum: the gates only measure the registered bytes")
-def test_replaced_adapter_is_not_evaluated(ws):
+def test_replaced_weights_are_not_evaluated(ws):
     from flowbp_ops.integrity import seal
 
-    adapter = ws / "data" / "variants" / "refl" / "adapter"
+    adapter = ws / "data" / "variants" / "refl" / "weights"
     from safetensors.torch import load_file, save_file
 
     tensors = {k: v * 2 for k, v in load_file(str(adapter / "pytorch_lora_weights.safetensors")).items()}
@@ -487,10 +487,10 @@ def test_replaced_adapter_is_not_evaluated(ws):
     refused(code, err, r"differs from the checksum in .*summary\.json")
 
 
-@fault(5, "flowbp sample --adapter with a flipped byte", "refused naming the changed file; no image written")
-def test_sample_refuses_a_damaged_adapter(ws):
-    _damage(ws / "data" / "variants" / "refl" / "adapter" / "pytorch_lora_weights.safetensors", "flip")
-    code, err = cli("sample", "--world", "data/world", "--adapter", "data/variants/refl/adapter", "--prompt",
+@fault(5, "flowbp sample --weights with a flipped byte", "refused naming the changed file; no image written")
+def test_sample_refuses_damaged_weights(ws):
+    _damage(ws / "data" / "variants" / "refl" / "weights" / "pytorch_lora_weights.safetensors", "flip")
+    code, err = cli("sample", "--world", "data/world", "--weights", "data/variants/refl/weights", "--prompt",
                     "a red 7", "--out", "s.png", "--steps", "2")
     refused(code, err, r"changed: pytorch_lora_weights\.safetensors")
     assert not (ws / "s.png").exists()
@@ -805,12 +805,12 @@ def test_dagster_refuses_credentials_in_the_run_config(ws, monkeypatch):
 # 11. tracebacks
 # ---------------------------------------------------------------------------------------------------
 
-@fault(11, "an adapter folder holding a file that is not safetensors (no manifest)",
+@fault(11, "a weights folder holding a file that is not safetensors (no manifest)",
        "one line: not readable safetensors, how to restore")
 def test_garbage_safetensors_is_one_line(ws):
     (ws / "junk").mkdir()
     (ws / "junk" / "pytorch_lora_weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
-    code, err = cli("sample", "--world", "data/world", "--adapter", "junk", "--prompt", "a red 7", "--out", "s.png")
+    code, err = cli("sample", "--world", "data/world", "--weights", "junk", "--prompt", "a red 7", "--out", "s.png")
     refused(code, err, r"safetensors|header")
     assert not (ws / "s.png").exists()
 

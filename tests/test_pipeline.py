@@ -107,7 +107,7 @@ def test_one_graph_for_dagster_and_dvc():
     dvc = yaml.safe_load(dvc_yaml())["stages"]
     assert set(dvc) == {s.name for s in STAGES}
     assert dvc["trained_variant"]["foreach"] == "${methods}"
-    assert "data/variants/${item}/adapter" in dvc["evaluation"]["do"]["deps"]
+    assert "data/variants/${item}/weights" in dvc["evaluation"]["do"]["deps"]
     # training reads the prompt embeddings, never the base rollouts: an evaluation setting retrains nothing
     train_deps, eval_deps = dvc["trained_variant"]["do"]["deps"], dvc["evaluation"]["do"]["deps"]
     assert "data/embeddings" in train_deps and "data/rollouts" not in train_deps
@@ -125,7 +125,7 @@ def test_one_graph_for_dagster_and_dvc():
     params = params_from({})
     pulled = {k for pairs in stage_transfers(BY_NAME["evaluation"], params, "refl", inputs=True).values()
               for k, _ in pairs}
-    assert {"data/world/transformer", "data/variants/refl/adapter", "data/rollouts"} <= pulled
+    assert {"data/world/transformer", "data/variants/refl/weights", "data/rollouts"} <= pulled
     assert not any(k.startswith("data/runs") for k in pulled)
     assert resumable_transfers(BY_NAME["trained_variant"], params, "refl") == [("data/runs/refl",
                                                                                 Path("data/runs/refl"))]
@@ -196,7 +196,7 @@ def test_chain_materializes_every_stage_and_tracks_in_mlflow(chain):
         # on a smoke world nothing improves: the blocking gate says so and the variant run stops there
         checks = result["variants"][m]["checks"]
         assert checks["finite_weights"] is True and checks["reward_improved"] is False
-        assert (data / "variants" / m / "adapter" / "pytorch_lora_weights.safetensors").exists()
+        assert (data / "variants" / m / "weights" / "pytorch_lora_weights.safetensors").exists()
         ev = json.loads((data / "eval" / m / "metrics.json").read_text())
         assert ev["n_prompts"] == 4 and set(ev["gates"]) == {"reward_improved", "heldout_not_collapsed",
                                                              "heldout_judge_improved", "diversity_not_collapsed"}
@@ -220,7 +220,10 @@ def test_chain_materializes_every_stage_and_tracks_in_mlflow(chain):
     assert len(client.get_metric_history(run.info.run_id, "reward")) == params.train.steps
     assert any(k.startswith("system/") for k in run.data.metrics)  # MLflow's system metrics of the training
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "images"} <= arts  # the EMA model's samples by step (MLflow's image history)
+    assert {"weights", "images"} <= arts
+    # the samples at each checkpoint (the EMA weights): MLflow's image history, one strip per checkpoint step
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("samples" in p and f"step%{params.train.steps}%" in p for p in images), images
     # the evaluation: its own run, nested under the training run, opened and ended by the evaluation stage
     assert evaluation.data.tags["mlflow.parentRunId"] == run.info.run_id and evaluation.info.status == "FINISHED"
     assert "eval/reward/align" in evaluation.data.metrics and "gate/reward_improved" in evaluation.data.metrics
@@ -257,7 +260,7 @@ def test_gpu_stages_run_through_pipes_and_report_back(chain):
     assert any("evaluation[flowbp_sparse]: done in" in m for m in messages), messages[-20:]
     assert any("Launched" in m or "pipes" in m.lower() for m in messages)
     mat = instance.get_latest_materialization_event(dg.AssetKey("trained_variant"))
-    assert mat is not None and "adapter_sha256" in mat.asset_materialization.metadata
+    assert mat is not None and "weights_sha256" in mat.asset_materialization.metadata
     # users look at the sample grid where MLflow keeps it: the event log links to it, it holds no image bytes
     ev = instance.get_latest_materialization_event(dg.AssetKey("evaluation")).asset_materialization.metadata
     assert isinstance(ev["samples"], dg.UrlMetadataValue) and "/artifacts/samples/samples.png" in ev["samples"].url
@@ -317,7 +320,7 @@ def test_promotion_gates_aliases_and_rollback(chain):
     assert tracker.promote(name, v2, ok) == {"champion": v2, "previous": v1, "changed": True}
     assert tracker.rollback(name)["champion"] == v1
     assert tracker.alias_version(name, "champion") == v1
-    # the registered model loads by alias and draws images with the adapter
+    # the registered model loads by alias and draws images with the trained weights
     mlflow.set_tracking_uri(params.tracking.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     images = model.predict(["a photo of a red seven"], params={"steps": 2})
@@ -326,7 +329,7 @@ def test_promotion_gates_aliases_and_rollback(chain):
 
 def test_registered_model_serves_outside_the_repo(chain, tmp_path):
     """`mlflow models serve` of the registered champion, from a folder that is not this checkout, on 127.0.0.1:
-    the model carries its base weights, adapter and code, and answers a request with an image."""
+    the model carries its base weights, trained weights and code, and answers a request with an image."""
     import socket
     import subprocess
     import sys
@@ -499,7 +502,7 @@ def test_a_training_run_resumes_from_its_checkpoints_and_restarts_on_a_new_confi
     first = json.loads((root / "data" / "variants" / "refl" / "summary.json").read_text())
     assert first["resumed_from"] is None
     again = stages.trained_variant(params, "refl")  # the run had finished: it resumes at its last step
-    assert again["resumed_from"] == params.train.steps and again["adapter_sha256"] == first["adapter_sha256"]
+    assert again["resumed_from"] == params.train.steps and again["weights_sha256"] == first["weights_sha256"]
     rows = (root / "data" / "variants" / "refl" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == params.train.steps  # the curve is whole, not just the resumed part
     changed = params.model_copy(update={"train": params.train.model_copy(update={"lr": params.train.lr * 2})})

@@ -128,7 +128,7 @@ def test_saved_lora_loads_into_the_diffusers_pipeline(saved, tmp_path):
     train(TrainConfig(method="flowbp_sparse", backbone=kind, steps=2, batch=2, rollout_steps=25, lr=5e-2,
                       reward="test_brightness", heldout_rewards=[], checkpoint_every=2, ema=None, finetune="lora"),
           bb, PROMPTS, tmp_path)
-    save_lora(bb.transformer, tmp_path / "adapter", pipeline_class=bb.pipeline_class)
+    save_lora(bb.transformer, tmp_path / "weights", pipeline_class=bb.pipeline_class)
     pipe = getattr(diffusers, bb.pipeline_class).from_pretrained(str(path))
     x = torch.randn(bb.latent_shape(1), generator=torch.Generator().manual_seed(0))
     cond = load(kind, path).encode_prompts(PROMPTS[:1])
@@ -140,7 +140,7 @@ def test_saved_lora_loads_into_the_diffusers_pipeline(saved, tmp_path):
             return v(x, torch.tensor([0.5]), cond)
 
     base = velocity(pipe.transformer)
-    pipe.load_lora_weights(str(tmp_path / "adapter"), weight_name=WEIGHT_NAME)
+    pipe.load_lora_weights(str(tmp_path / "weights"), weight_name=WEIGHT_NAME)
     tuned = velocity(pipe.transformer)
     assert not torch.allclose(base, tuned)  # the adapter changes the pipeline's output
     torch.testing.assert_close(tuned, velocity(bb.transformer), atol=1e-5, rtol=1e-4)  # and reproduces training

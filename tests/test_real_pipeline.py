@@ -56,7 +56,7 @@ def test_train_preset_fetches_pins_and_trains_a_real_backbone(sources, tmp_path,
     record = json.loads((tmp_path / "world" / "backbone.json").read_text())
     assert record["backbone"] == "sd35" and record["pipeline"] == "StableDiffusion3Pipeline"
     assert (tmp_path / "world" / "rewards" / "clipscore" / "model.safetensors").exists()
-    assert (tmp_path / "run" / "adapter" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "run" / "weights" / "pytorch_lora_weights.safetensors").exists()
     # a model of another family for this preset is refused, naming both
     bad = [s.replace("sd35-pipe", "flux1-pipe") for s in sets]
     assert main(["train", "--preset", "sd35/flowbp_sparse", "--out", str(tmp_path / "bad"), *bad]) == 2
@@ -87,7 +87,7 @@ def test_pipeline_stages_on_a_real_backbone_register_a_loadable_model(sources, t
         stage(params)
     tracker = Tracker(params.tracking)
     summary = stages.trained_variant(params, "refl", tracker, {})
-    adapter = tmp_path / "data" / "variants" / "refl" / "adapter"
+    adapter = tmp_path / "data" / "variants" / "refl" / "weights"
     assert (adapter / ("transformer/config.json" if finetune == "full"
                        else "pytorch_lora_weights.safetensors")).exists()
     ev = stages.evaluation(params, "refl", tracker)  # loads the trained weights onto the pinned base model

@@ -17,7 +17,7 @@ def test_a_hub_lora_records_the_pinned_base_revision_offline(tmp_path, monkeypat
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tracker = Tracker(TrackingParams(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_location=str(tmp_path / "a")))
-    adapter = tmp_path / "adapter"
+    adapter = tmp_path / "weights"
     adapter.mkdir()
     save_file({"transformer.proj.lora_A.weight": torch.zeros(2, 4)}, str(adapter / "pytorch_lora_weights.safetensors"))
     run_id = tracker.start_run("lora", {"method": "refl"})

@@ -154,7 +154,7 @@ def test_lora_adapter_round_trip_through_diffusers(world, prompts, tmp_path):
 
     trained = backbone(world)
     train(small(steps=2, lr=5e-2), trained, prompts, tmp_path, reward_kwargs={"world_dir": world})
-    path = save_lora(trained.transformer, tmp_path / "adapter")
+    path = save_lora(trained.transformer, tmp_path / "weights")
     assert path.name == WEIGHT_NAME
     from safetensors.torch import load_file
 
@@ -168,7 +168,7 @@ def test_lora_adapter_round_trip_through_diffusers(world, prompts, tmp_path):
     den = fresh.denoiser(None)
     with torch.no_grad():
         base = den(x, 0.5, cond)
-        load_lora(fresh.transformer, tmp_path / "adapter")
+        load_lora(fresh.transformer, tmp_path / "weights")
         loaded = den(x, 0.5, cond)
         want = trained.denoiser(None)(x, 0.5, cond)
     assert not torch.allclose(base, loaded)  # the adapter changes the samples
@@ -188,18 +188,18 @@ def test_cli_train_sample_evaluate_and_refusals(world, tmp_path, capsys):
     assert "build the default world first" in capsys.readouterr().err and not run.exists()
 
     assert main(base + ["--set", "steps=2", "--set", "batch=2", "--set", "rollout_steps=4"]) == 0
-    assert (run / "adapter" / "transformer" / "config.json").exists() and (run / "metrics.jsonl").exists()  # full FT
+    assert (run / "weights" / "transformer" / "config.json").exists() and (run / "metrics.jsonl").exists()  # full FT
     assert [f.name for f in sorted((run / "samples").iterdir())] == ["step-000002.png"]  # samples per checkpoint
     capsys.readouterr()
     png = tmp_path / "grid.png"
-    assert main(["sample", "--world", str(world), "--adapter", str(run / "adapter"), "--steps", "3",
+    assert main(["sample", "--world", str(world), "--weights", str(run / "weights"), "--steps", "3",
                  "--prompt", "a photo of a red seven", "--prompt", "a photo of a blue two and a green six",
                  "--out", str(png)]) == 0
     assert png.exists() and png.stat().st_size > 0
     capsys.readouterr()
     assert main(["evaluate", "--world", str(world), "--steps", "3", "--limit", "4"]) == 0
     assert "geneval/overall" in json.loads(capsys.readouterr().out)
-    assert main(["sample", "--world", str(world), "--adapter", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert main(["sample", "--world", str(world), "--weights", str(tmp_path / "nope"), "--prompt", "x"]) == 2
 
 
 def test_a_world_build_repeats_bit_for_bit(tmp_path):

@@ -28,10 +28,8 @@ def base_record(world_dir: str | Path, kind: str) -> str:
     return record.read_text() if record.exists() else ""
 
 
-def adapter_class(kind: str):
-    from flowbp_ops.backbones.table import get_backbone
-
-    return get_backbone(kind).adapter_class()
+def implementation_class(kind: str):
+    return get_backbone(kind).implementation_class()
 
 
 def check_pipeline(index: Path, kind: str) -> str:
@@ -140,6 +138,6 @@ def load_backbone(kind: str, world_dir: str | Path, device: str | torch.device =
 
         source, revision = parse_hub_uri(record["source"])[1], record["revision"]
     cache_dir = embeddings or (world_dir / "embeddings" / kind if disk_cache else None)
-    return adapter_class(kind)(source, revision=revision, device=device, cache_dir=cache_dir,
+    return implementation_class(kind)(source, revision=revision, device=device, cache_dir=cache_dir,
                                text_encoders=text_encoders,
                                cache_key=f"{record['source']}@{record['revision']}", **settings)

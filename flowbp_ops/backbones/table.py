@@ -1,8 +1,10 @@
-"""Every backbone, declared once: what the CLI, the settings, the method presets, the recipes, the loader and the
-tests read about a model family. Adding a backbone: an adapter module and a row here.
+"""Every backbone, declared once: what the CLI, the settings, the method presets, the recipes, the loader, the
+evaluation, ``flowbp doctor`` and the tests read about a model family (its diffusers pipeline, LoRA targets,
+sigma schedule, hub id, recipe, evaluation grid and batch, held-out judge). Adding a backbone: a module with
+its implementation (a ``PipelineBackbone`` subclass naming the row) and a row here.
 
-The adapter and the tiny pipeline are named as ``module:attribute`` and imported only when used, so settings are
-checked against this table without importing diffusers.
+The implementation, the tiny pipeline and the judge are named as ``module:attribute`` and imported only when
+used, so settings are checked against this table without importing diffusers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class BackboneSpec:
     schedule: str  # "static" | "flux1" | "flux2": how the sigma grid is built (flowbp_ops.backbones.schedules)
     shift: float = 1.0  # the static shift
     hyper_from: str = ""  # whose published method hyperparameters it uses (flowbp_ops.methods); "": its own
-    adapter: str | None = None  # "module:Class" of its adapter (None: the default world's or a test model)
+    implementation: str | None = None  # "module:Class" that loads and runs it (None: the default world's, a test's)
     hub_id: str | None = None  # the published model the recipe trains
     eval_steps: int | None = None  # the recipe's evaluation sampling steps
     guidance: float | None = None  # the recipe's guidance (evaluation and training rollouts)
@@ -41,11 +43,11 @@ class BackboneSpec:
     judge: str | None = None
     judge_metrics: tuple[str, ...] = ()
 
-    def adapter_class(self):
-        if self.adapter is None:
+    def implementation_class(self):
+        if self.implementation is None:
             raise ConfigError(f"backbone {self.name!r}: a real base model needs train.backbone = one of "
                               f"{', '.join(REAL)}")
-        return _load(self.adapter)
+        return _load(self.implementation)
 
     @property
     def hyperparameters(self) -> str:
@@ -69,17 +71,19 @@ _B = ("refl", "flowbp_sparse", "drtune", "flowbp_bridge", "flowbp_lagrange", "le
       "alignprop")
 BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in [
     BackboneSpec("sd35", "Stable Diffusion 3.5 Medium (static shift 3, real CFG)", "static", shift=3.0,
-                 adapter="flowbp_ops.backbones.sd35:SD35Backbone", hub_id="stabilityai/stable-diffusion-3.5-medium",
+                 implementation="flowbp_ops.backbones.sd35:SD35Backbone",
+                 hub_id="stabilityai/stable-diffusion-3.5-medium",
                  eval_steps=40, guidance=3.5, batch=dict(zip(_B, (8, 8, 8, 8, 8, 8, 4, 4, 4))),
                  tiny="flowbp_ops.backbones.tiny:tiny_sd35_pipeline", pipeline_class="StableDiffusion3Pipeline",
                  lora_targets=_SD3_LORA, gated=True, eval_grid="scheduler"),
     BackboneSpec("flux1", "FLUX.1-dev (dynamic mu shift, guidance embedding)", "flux1",
-                 adapter="flowbp_ops.backbones.flux1:Flux1Backbone", hub_id="black-forest-labs/FLUX.1-dev",
+                 implementation="flowbp_ops.backbones.flux1:Flux1Backbone", hub_id="black-forest-labs/FLUX.1-dev",
                  eval_steps=50, guidance=4.0, batch=dict(zip(_B, (4, 4, 4, 8, 8, 8, 4, 4, 4))),
                  tiny="flowbp_ops.backbones.tiny:tiny_flux1_pipeline", pipeline_class="FluxPipeline",
                  lora_targets=_SD3_LORA, gated=True),
     BackboneSpec("flux2", "FLUX.2-Klein-base (empirical mu shift, real CFG)", "flux2",
-                 adapter="flowbp_ops.backbones.flux2:Flux2Backbone", hub_id="black-forest-labs/FLUX.2-klein-base-9B",
+                 implementation="flowbp_ops.backbones.flux2:Flux2Backbone",
+                 hub_id="black-forest-labs/FLUX.2-klein-base-9B",
                  eval_steps=50, guidance=4.0, batch=dict(zip(_B, (4, 4, 4, 4, 4, 4, 2, 2, 2))),
                  micro_batches={"draft_lv": 2}, tiny="flowbp_ops.backbones.tiny:tiny_flux2_pipeline",
                  pipeline_class="Flux2KleinPipeline", lora_targets=_FLUX2_LORA,
@@ -95,7 +99,7 @@ BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in [
     BackboneSpec("tiny", "small random-init SD3-architecture DiT (tests, gradcheck)", "static", shift=3.0,
                  hyper_from="sd35", lora_targets=_SD3_LORA),
 ]}
-REAL = tuple(n for n, s in BACKBONES.items() if s.adapter)
+REAL = tuple(n for n, s in BACKBONES.items() if s.implementation)
 
 
 def lora_targets(name: str) -> list[str] | str:

@@ -85,7 +85,7 @@ def _evaluation(params: Params, method: str, tracker) -> dict:
     base = _score(base_images, prompts, rewards, judge, batch, bb.device)
     base["diversity"], base_grid = _diversity(bb, spread, e.diversity_seeds, r.n_steps, r.guidance, r.seed,
                                               batch, r.grid)
-    load_trained(bb, p.variant(method) / "adapter")
+    load_trained(bb, p.variant(method) / "weights")
     images = generate(bb, prompts, r.n_steps, r.guidance, seed=r.seed, batch_size=batch,
                       grid=r.grid).cpu()  # same noise
     tuned = _score(images, prompts, rewards, judge, batch, bb.device)

@@ -101,7 +101,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("trained_variant", "One method trained (LoRA adapter or transformer, EMA weights), one MLflow run, a "
           "model version", P + "train:trained_variant",
           deps=("prompt_sets", "reward_models", "base_model", "prompt_embeddings"), params=("train",),
-          outs=("data/variants/${item}/adapter", "data/runs/${item}"), persist=("data/runs/${item}",),
+          outs=("data/variants/${item}/weights", "data/runs/${item}"), persist=("data/runs/${item}",),
           metrics=("data/variants/${item}/summary.json",),
           plots={"data/variants/${item}/metrics.jsonl": {"x": "step", "y": "reward"}}, per_method=True, gpu=True,
           distributed=True, tracked=True, checks=(("finite_weights", "every trained weight is finite"),),

@@ -1,4 +1,5 @@
-"""The training stage: one method trained into a variant (adapter or transformer), an MLflow run, a model version."""
+"""The training stage: one method trained into a variant (its weights: a LoRA adapter or a whole transformer),
+an MLflow run, a model version."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from flowbp_ops.stages.prepare import backbone_of
 def trained_variant(params: Params, method: str, tracker=None, tags: dict | None = None,
                     callbacks: tuple = (), dist=None, on_checkpoint: Callable[[Path], None] | None = None,
                     run_key: str | None = None) -> dict:
-    """Train one method; write the adapter, ``metrics.jsonl`` (DVC plots) and ``summary.json``.
+    """Train one method; write its weights, ``metrics.jsonl`` (DVC plots) and ``summary.json``.
 
     A run continues from its newest intact checkpoint when its settings and the base model are unchanged,
     and starts over otherwise; either way only after everything that can refuse has been checked (the
@@ -92,8 +93,8 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
                 out.write_text(json.dumps(summary, indent=2))
     if tracker is not None:
         if cfg.finetune == "lora":  # a full fine-tune's transformer goes in once, with the registered model
-            tracker.log_artifact(run_id, p.variant(method) / "adapter", "adapter")
-        summary["model_version"] = _register(params, tracker, run_id, p.variant(method) / "adapter",
+            tracker.log_artifact(run_id, p.variant(method) / "weights", "weights")
+        summary["model_version"] = _register(params, tracker, run_id, p.variant(method) / "weights",
                                              {"method": method, "run_id": run_id})
         with atomic_path(p.variant(method) / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
@@ -102,20 +103,20 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
 
 
 def _write_variant(params: Params, method: str, trainer, rows: list[dict], summary: dict) -> dict:
-    """The variant folder, whole or not at all: adapter (or transformer), per-step metrics, summary."""
+    """The variant folder, whole or not at all: weights (LoRA adapter or transformer), per-step metrics, summary."""
     from flowbp_ops.adapters import save_trained
     from flowbp_ops.storage import sha256_of
 
     with atomic_path(paths(params).variant(method)) as tmp:
-        save_trained(trainer.backbone, trainer.cfg.finetune, tmp / "adapter", trainer.trained_state())
+        save_trained(trainer.backbone, trainer.cfg.finetune, tmp / "weights", trainer.trained_state())
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        summary = {**summary, "adapter_sha256": sha256_of(tmp / "adapter")}
+        summary = {**summary, "weights_sha256": sha256_of(tmp / "weights")}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def verified_variant(params: Params, method: str) -> dict:
-    """The variant's ``summary.json``, with its adapter's bytes checked against the recorded checksum: the
+    """The variant's ``summary.json``, with its weights' bytes checked against the recorded checksum: the
     gates measure, and the registry serves, exactly what training wrote."""
     from flowbp_ops.errors import IntegrityError
     from flowbp_ops.storage import sha256_of
@@ -125,37 +126,37 @@ def verified_variant(params: Params, method: str) -> dict:
     if not summary_file.exists():
         raise FileNotFoundError(f"{summary_file} not found: train the variant first (trained_variant[{method}])")
     summary = json.loads(summary_file.read_text())
-    adapter = p.variant(method) / "adapter"
-    if not adapter.exists() or sha256_of(adapter) != summary.get("adapter_sha256"):
-        raise IntegrityError(f"{adapter} differs from the checksum in {summary_file} (corrupt or replaced): retrain "
+    weights = p.variant(method) / "weights"
+    if not weights.exists() or sha256_of(weights) != summary.get("weights_sha256"):
+        raise IntegrityError(f"{weights} differs from the checksum in {summary_file} (corrupt or replaced): retrain "
                              f"the variant (flowbp stage trained_variant --method {method}) or restore it "
                              "(scripts/dvc checkout)")
     return summary
 
 
-def finite_weights(adapter: Path) -> dict:
+def finite_weights(weights: Path) -> dict:
     """Every trained tensor finite: the LoRA file, or every safetensors file of a fully fine-tuned transformer."""
     import torch
     from safetensors import safe_open
 
-    files = sorted(adapter.rglob("*.safetensors"))
+    files = sorted(weights.rglob("*.safetensors"))
     bad, n = [], 0
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():
                 n += 1
                 if not bool(torch.isfinite(st.get_tensor(key)).all()):
-                    bad.append(f"{f.relative_to(adapter)}:{key}")
+                    bad.append(f"{f.relative_to(weights)}:{key}")
     return {"passed": bool(files) and not bad, "files": len(files), "tensors": n, "non_finite": bad[:20]}
 
 
 def weight_checks(params: Params, method: str, meta: dict) -> list[dict]:
     """The training stage's asset check: ``finite_weights`` over whatever it trained (LoRA or transformer)."""
-    finite = finite_weights(paths(params).variant(method) / "adapter")
+    finite = finite_weights(paths(params).variant(method) / "weights")
     return [{"name": "finite_weights", "passed": finite["passed"], "metadata": finite}]
 
 
-def _register(params: Params, tracker, run_id: str, adapter: Path, tags: dict[str, str]) -> str:
+def _register(params: Params, tracker, run_id: str, weights: Path, tags: dict[str, str]) -> str:
     """A real backbone's LoRA with MLflow's diffusers flavour (base model by hub id and commit); everything
     else (the default model, full fine-tuning) as flowbp's pyfunc carrying the weights it needs."""
     from flowbp_ops.backbones.loading import RECORD
@@ -163,18 +164,18 @@ def _register(params: Params, tracker, run_id: str, adapter: Path, tags: dict[st
     w, name = paths(params).world, params.promote.model_name
     if params.train.backbone == "default":
         base = {"vae": w / "vae", "transformer": w / "transformer"}
-        return tracker.register_variant(run_id, name, base, adapter, tags)
+        return tracker.register_variant(run_id, name, base, weights, tags)
     record = json.loads((w / RECORD).read_text())
     tags = {**tags, "base_model": record["source"], "base_model.revision": str(record["revision"])}
     if params.train.finetune == "full":
-        return tracker.register_variant(run_id, name, {RECORD: w / RECORD}, adapter, tags)
+        return tracker.register_variant(run_id, name, {RECORD: w / RECORD}, weights, tags)
     if record["source"].startswith("hf://"):
         from flowbp_ops.storage import parse_hub_uri
 
         base, revision = parse_hub_uri(record["source"])[1], record["revision"]
     else:
         base, revision = record["path"], None  # an absolute folder
-    return tracker.register_adapter(run_id, name, base, adapter, tags, revision)
+    return tracker.register_adapter(run_id, name, base, weights, tags, revision)
 
 
 def input_tags(folder: Path, name: str) -> dict[str, str]:

@@ -82,7 +82,7 @@ class RunDir:
         if mode == "resume" and point.checkpoint is None:
             raise ConfigError(f"cannot resume {self.path}: {point.reason}; resume with the settings it was started "
                               "with, or start it over")
-        if mode == "new" and (self.holds_run() or (self.path / "adapter").exists()):
+        if mode == "new" and (self.holds_run() or (self.path / "weights").exists()):
             raise FileExistsError(f"{self.path} already holds a run (checkpoints up to step {self.last_step()}): "
                                   "resume it, start it over, or train into another folder")
         if mode in ("auto", "resume") and point.checkpoint is not None:
