@@ -270,7 +270,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    from flowbp_ops.cli import finite_float, positive_int
+    from flowbp_ops.cli_args import finite_float, positive_int
 
     w = sub.add_parser("world", help="the default world").add_subparsers(dest="world_command", required=True)
     b = w.add_parser("build", help="build the default world (data, text encoder, VAE, flow model, rewards)")

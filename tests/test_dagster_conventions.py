@@ -32,3 +32,32 @@ def test_dg_and_dagster_find_the_project_from_pyproject():
     assert dg.returncode == 0 and "All definitions loaded successfully" in dg.stdout + dg.stderr, dg.stderr[-2000:]
     plain = _run(str(bin_dir / "dagster"), "definitions", "validate")  # no -m: [tool.dagster] names the module
     assert plain.returncode == 0 and "passed validation" in plain.stdout + plain.stderr, plain.stderr[-2000:]
+
+
+def test_the_library_never_imports_the_orchestration_layer():
+    """flowbp_ops is the library; pipelines/ (Dagster) builds on it. `flowbp pipeline run` reaches the orchestration
+    layer through its entry point, not an import."""
+    import ast
+
+    found = []
+    for path in (ROOT / "flowbp_ops").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("pipelines", "dagster")]
+    assert found == []
+    out = _run(sys.executable, "-m", "flowbp_ops.cli", "pipeline", "run", "--help")
+    assert out.returncode == 0 and "materialize the default chain" in out.stdout, out.stderr[-2000:]
+
+
+def test_the_instance_settings_are_written_in_one_place(tmp_path):
+    """scripts/install.sh and a chain without $DAGSTER_HOME write the same dagster.yaml: the library's loggers
+    managed, the gpu pool limited."""
+    import yaml
+
+    from pipelines.instance import write_instance
+
+    conf = yaml.safe_load(write_instance(tmp_path / "dagster.yaml", 3).read_text())
+    assert conf["python_logs"]["managed_python_loggers"] == ["flowbp_ops"]
+    assert conf["concurrency"]["pools"]["default_limit"] == 3 and conf["telemetry"]["enabled"] is False
+    assert "pipelines.instance" in (ROOT / "scripts" / "install.sh").read_text()

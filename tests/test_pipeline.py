@@ -223,7 +223,8 @@ def test_chain_materializes_every_stage_and_tracks_in_mlflow(chain):
     assert {"weights", "images"} <= arts
     # the samples at each checkpoint (the EMA weights): MLflow's image history, one strip per checkpoint step
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert any("samples" in p and f"step%{params.train.steps}%" in p for p in images), images
+    steps = {int(p.split("+step+")[1].split("+")[0]) for p in images if p.startswith("images/samples+step+")}
+    assert steps == set(range(1, params.train.steps + 1)), images  # checkpoint_every: 1
     # the evaluation: its own run, nested under the training run, opened and ended by the evaluation stage
     assert evaluation.data.tags["mlflow.parentRunId"] == run.info.run_id and evaluation.info.status == "FINISHED"
     assert "eval/reward/align" in evaluation.data.metrics and "gate/reward_improved" in evaluation.data.metrics
@@ -507,3 +508,32 @@ def test_a_training_run_resumes_from_its_checkpoints_and_restarts_on_a_new_confi
     assert len(rows) == params.train.steps  # the curve is whole, not just the resumed part
     changed = params.model_copy(update={"train": params.train.model_copy(update={"lr": params.train.lr * 2})})
     assert stages.trained_variant(changed, "refl")["resumed_from"] is None
+
+
+def test_a_full_fine_tune_is_checked_for_finite_weights(chain, tmp_path):
+    """``finite_weights`` (the training stage's blocking check, reported by Dagster from the op or the Pipes
+    process) reads every safetensors file of a fully fine-tuned transformer, and fails on one non-finite tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from flowbp_ops.stages.graph import BY_NAME
+    from flowbp_ops.stages.runner import run_stage
+
+    root, params, _ = chain
+    for sub in ("world", "embeddings"):
+        shutil.copytree(root / "data" / sub, tmp_path / "data" / sub)
+    full = params.model_copy(update={"world_dir": str(tmp_path / "data" / "world"), "data_dir": str(tmp_path / "data"),
+                                     "train": params.train.model_copy(update={"finetune": "full", "steps": 1})})
+    meta, checks = run_stage("trained_variant", full, "refl")
+    weights = tmp_path / "data" / "variants" / "refl" / "weights"
+    (check,) = checks
+    assert check["name"] == "finite_weights" and check["passed"], check
+    assert check["metadata"]["files"] >= 1 and (weights / "transformer" / "config.json").exists()
+    shard = sorted((weights / "transformer").glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_file(tensors, shard)
+    (again,) = BY_NAME["trained_variant"].check(full, "refl", meta)
+    assert not again["passed"] and again["metadata"]["non_finite"] == [f"transformer/{shard.name}:{name}"]

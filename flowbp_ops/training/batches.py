@@ -46,14 +46,14 @@ class Layout:
         return cls(g, batch, world)
 
 
-def _mix(*parts: int) -> int:
+def mix(*parts: int) -> int:
     """A 64-bit seed from non-negative integers (numpy's SeedSequence: well mixed, stable across versions)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
 
 
 @lru_cache(maxsize=4)
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng(_mix(seed, 0x5EED, epoch)).permutation(n)
+    return np.random.default_rng(mix(seed, 0x5EED, epoch)).permutation(n)
 
 
 def slots(layout: Layout, micro: int, rank: int) -> list[int]:
@@ -73,13 +73,13 @@ def prompt_indices(seed: int, step: int, layout: Layout, qs: list[int], n_prompt
 def noise(seed: int, step: int, qs: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """Starting noise of the samples in slots ``qs`` (each from its own seed; drawn on the CPU: any device
     gives the same values)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_mix(seed, step, q)))
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(mix(seed, step, q)))
                         for q in qs])
 
 
 def sample_seeds(seed: int, step: int, qs: list[int]) -> list[int]:
     """Per-sample seeds for draws inside the step (DRaFT-LV's re-noised copies)."""
-    return [_mix(seed, step, q, 0x1F) for q in qs]
+    return [mix(seed, step, q, 0x1F) for q in qs]
 
 
 def plan_seed(seed: int, step: int) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowbp_ops.training.batches import _mix
+from flowbp_ops.training.batches import mix
 from flowbp_ops.world import scenes
 
 
@@ -45,7 +45,7 @@ class WorldRenders:
         """Images (B, 3, 32, 32) and their prompts for the slots ``qs`` of step ``step``."""
         images, prompts = [], []
         for q in qs:
-            rng = np.random.default_rng(_mix(seed, step, q, 0x9E7))
+            rng = np.random.default_rng(mix(seed, step, q, 0x9E7))
             pool = self.by_tag[int(rng.integers(len(self.by_tag)))]
             scene = pool[int(rng.integers(len(pool)))]
             images.append(self.renderer.scene(scenes.layout(scene, rng), rng))
