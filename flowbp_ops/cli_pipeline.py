@@ -216,5 +216,21 @@ def add_commands(sub) -> None:
     # the orchestration layer's commands (`pipeline run`: pipelines/cli.py), found through their entry point
     from importlib.metadata import entry_points
 
-    for ep in entry_points(group="flowbp.pipeline_commands"):
-        ep.load()(psub, common)
+    found = entry_points(group="flowbp.pipeline_commands")
+    for ep in found:
+        try:
+            ep.load()(psub, common)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the other commands down
+            _unavailable(psub, ep.name, f"{ep.value} does not load ({type(exc).__name__}: {exc})")
+    if "run" not in {ep.name for ep in found}:
+        _unavailable(psub, "run", "the orchestration layer (pipelines/) is not installed")
+
+
+def _unavailable(psub, name: str, why: str) -> None:
+    """A pipeline command whose plugin is missing or broken: it says so, and how to fix it, when it is called."""
+    def refuse(args):
+        from flowbp_ops.surrogate.config import ConfigError
+
+        raise ConfigError(f"flowbp pipeline {name}: {why}; reinstall the project (bash scripts/install.sh)")
+
+    psub.add_parser(name, help=f"(unavailable: {why})").set_defaults(func=refuse)

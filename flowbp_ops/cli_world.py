@@ -85,9 +85,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from flowbp_ops.adapters import save_trained
     from flowbp_ops.backbones.loading import base_record
     from flowbp_ops.locks import exclusive
+    from flowbp_ops.trained_weights import save_trained
     from flowbp_ops.training.callbacks import SampleFiles
     from flowbp_ops.training.loop import Trainer
     from flowbp_ops.training.run_dir import RunDir
@@ -225,9 +225,9 @@ def _prepare_preset(params) -> None:
 
 
 def _load_backbone(args):
-    from flowbp_ops.adapters import load_trained
     from flowbp_ops.backbones.default import DefaultBackbone
     from flowbp_ops.determinism import pin_for_world
+    from flowbp_ops.trained_weights import load_trained
 
     pin_for_world(args.world)
     backbone = DefaultBackbone(Path(args.world))

@@ -1,6 +1,6 @@
 """Recorded bytes are checked where they are loaded: a folder's ``manifest.json`` lists each file's SHA-256.
 
-Whatever flowbp writes and later loads back (adapters and fine-tuned transformers, the default
+Whatever flowbp writes and later loads back (LoRA adapters and fine-tuned transformers, the default
 world's models and reward nets, fetched reward weights) is sealed when written and verified when
 read, so a flipped byte or a truncated file is refused with the file's name instead of being
 evaluated, registered or trained on silently. Checkpoints carry their checksums in ``meta.json``

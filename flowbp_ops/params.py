@@ -79,7 +79,7 @@ class BaseModelParams(_Section):
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16",
                                                    description="weights of a real backbone (VAE decodes in fp32)")
     resolution: int = Field(512, ge=8, description="image side of a real backbone, pixels")
-    max_sequence_length: int | None = Field(None, ge=1, description="text tokens (None: the adapter's default)")
+    max_sequence_length: int | None = Field(None, ge=1, description="text tokens (None: the backbone's default)")
 
     _source = _uri("base_model.source")
 

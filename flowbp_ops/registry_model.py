@@ -19,15 +19,17 @@ class FlowbpImageModel(mlflow.pyfunc.PythonModel):
         import json
         from pathlib import Path
 
-        from flowbp_ops.adapters import load_trained
         from flowbp_ops.backbones.loading import RECORD, load_backbone
+        from flowbp_ops.trained_weights import load_trained
 
         base = Path(context.artifacts["base"])
         # the default model ships its weights; a real backbone only its pin (hub id + commit, or path)
         kind = json.loads((base / RECORD).read_text())["backbone"] if (base / RECORD).exists() else "default"
         device = "cuda" if kind != "default" and torch.cuda.is_available() else "cpu"
         self.backbone = load_backbone(kind, base, device=device, disk_cache=False)
-        load_trained(self.backbone, context.artifacts["weights"])  # a LoRA, or a fully fine-tuned transformer
+        # "adapter": the artifact's name in versions registered before the variant folder was called weights/
+        weights = context.artifacts.get("weights") or context.artifacts["adapter"]
+        load_trained(self.backbone, weights)  # a LoRA, or a fully fine-tuned transformer
 
     def predict(self, context, model_input, params: dict | None = None):
         from flowbp_ops.sampling import generate

@@ -1,4 +1,4 @@
-"""Sampling with any backbone adapter: the engine's Euler rollout, no gradient, then decode."""
+"""Sampling with any backbone: the engine's Euler rollout, no gradient, then decode."""
 
 from __future__ import annotations
 

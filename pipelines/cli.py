@@ -8,8 +8,8 @@ import json
 
 
 def add_run_command(pipeline_commands, common) -> None:
-    r = pipeline_commands.add_parser("run", help="materialize the default chain through Dagster (prepare, each "
-                                     "method, compare, promote)")
+    what = "materialize the default chain through Dagster (prepare, each method, compare, promote)"
+    r = pipeline_commands.add_parser("run", help=what, description=what)
     common(r)
     r.set_defaults(func=_cmd_run)
 

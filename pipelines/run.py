@@ -40,7 +40,8 @@ def run_chain(params_file: str | Path = "params.yaml", overrides: list[str] = ()
     data = params.model_dump(mode="json")
     ops = {s.name: {"config": {k: data[k] for k in sections(s)}} for s in BY_NAME.values()}
     chain = uuid.uuid4().hex[:12]
-    with _instance_home(_default_lanes(params)) as home, tempfile.TemporaryDirectory(prefix="flowbp-chain-") as tmp:
+    with (_instance_home(lambda: _default_lanes(params)) as home,
+          tempfile.TemporaryDirectory(prefix="flowbp-chain-") as tmp):
         env = {**os.environ, "DAGSTER_HOME": home, "FLOWBP_PARAMS": str(params_file)}
         lanes = lanes or _lanes(home, params)
 
@@ -76,13 +77,13 @@ def run_chain(params_file: str | Path = "params.yaml", overrides: list[str] = ()
 
 
 @contextmanager
-def _instance_home(gpu_slots: int):
+def _instance_home(gpu_slots):
     """``$DAGSTER_HOME``, or a temporary instance for this chain (its runs are not kept)."""
     if os.environ.get("DAGSTER_HOME"):
         yield os.environ["DAGSTER_HOME"]
         return
     with tempfile.TemporaryDirectory(prefix="flowbp-dagster-") as home:
-        write_instance(Path(home) / "dagster.yaml", gpu_slots)
+        write_instance(Path(home) / "dagster.yaml", gpu_slots())
         yield home
 
 

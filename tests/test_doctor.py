@@ -60,7 +60,10 @@ def test_doctor_asks_the_hub_for_the_gated_repos_the_run_needs():
     from flowbp_ops.presets import get_preset
 
     assert gated_repos(get_preset("sd35/flowbp_lagrange")) == ["stabilityai/stable-diffusion-3.5-medium"]
-    assert gated_repos(get_preset("flux2/flowbp_lagrange")) == []  # Klein base is not gated
+    assert gated_repos(get_preset("flux2/flowbp_lagrange")) == ["black-forest-labs/FLUX.2-klein-base-9B"]
+    local = params_from({"base_model": {"source": "/models/sd35"}, "train": {"backbone": "sd35"}})
+    assert gated_repos(local) == []  # a local folder needs no hub access
     # the default world: the gated models the recipes would load, so a user learns it before switching
-    assert set(gated_repos(params_from({}))) == {"stabilityai/stable-diffusion-3.5-medium",
-                                                 "black-forest-labs/FLUX.1-dev"}
+    every_gated = {"stabilityai/stable-diffusion-3.5-medium", "black-forest-labs/FLUX.1-dev",
+                   "black-forest-labs/FLUX.2-klein-base-9B"}
+    assert set(gated_repos(params_from({}))) == every_gated

@@ -74,6 +74,9 @@ def test_a_parameter_reruns_only_what_depends_on_it(repo):
                         "promoted_model"}
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 0.002
     assert "0.002" in sh([str(DVC), "exp", "show", "--json"], repo)
+    # an evaluation setting re-rolls the base model's rollouts and re-evaluates: no variant is retrained
+    out = sh([str(DVC), "exp", "run", "-S", "rollouts.seed=7"], repo)
+    assert ran(out) == {"base_rollouts", "evaluation@flowbp_sparse", "method_comparison", "promoted_model"}
 
 
 def test_outputs_push_to_and_pull_from_an_s3_remote(repo, s3_bucket):

@@ -1,4 +1,4 @@
-"""SD3.5-M, FLUX.1-dev and FLUX.2-Klein-base adapters through their real loading path, on tiny random-init pipelines.
+"""SD3.5-M, FLUX.1-dev and FLUX.2-Klein-base through their real loading path, on tiny random-init pipelines.
 
 Each pipeline is built from config with the real component classes, saved with
 ``save_pretrained`` (safetensors) and loaded back by the adapter's ``from_pretrained``; then a
@@ -121,7 +121,7 @@ def test_every_policy_method_trains_one_step(saved, method, tmp_path):
 def test_saved_lora_loads_into_the_diffusers_pipeline(saved, tmp_path):
     import diffusers
 
-    from flowbp_ops.adapters import WEIGHT_NAME, save_lora
+    from flowbp_ops.trained_weights import WEIGHT_NAME, save_lora
 
     kind, path = saved
     bb = load(kind, path)

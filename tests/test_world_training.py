@@ -150,7 +150,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(world, prompts, tmp_path
 
 
 def test_lora_adapter_round_trip_through_diffusers(world, prompts, tmp_path):
-    from flowbp_ops.adapters import WEIGHT_NAME, load_lora, save_lora
+    from flowbp_ops.trained_weights import WEIGHT_NAME, load_lora, save_lora
 
     trained = backbone(world)
     train(small(steps=2, lr=5e-2), trained, prompts, tmp_path, reward_kwargs={"world_dir": world})

@@ -1,1 +1,1 @@
-"""Backbone adapters: one per model family, and the sigma schedule each one samples with."""
+"""Backbone implementations: one per model family, and the sigma schedule each one samples with."""

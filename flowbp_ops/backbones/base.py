@@ -1,4 +1,4 @@
-"""The backbone-adapter interface: what training, sampling and evaluation need of a model family.
+"""The backbone interface: what training, sampling and evaluation need of a model family.
 
 Every backbone (the default world's small model, SD3.5-M, FLUX.1-dev, FLUX.2-Klein) gives
 the engine the same five things: prompt encoding, a guided velocity function, decoding to

@@ -1,4 +1,4 @@
-"""FLUX.1-dev: the real backbone adapter, loaded through diffusers' ``FluxPipeline``.
+"""FLUX.1-dev: the real backbone, loaded through diffusers' ``FluxPipeline``.
 
 FLUX.1-dev is guidance-distilled: no CFG pass, the guidance scale goes into the transformer
 as an embedding. The engine's state is the *packed* latent (B, (H/2)(W/2), 4C) the

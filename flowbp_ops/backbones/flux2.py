@@ -1,4 +1,4 @@
-"""FLUX.2-Klein-base: the real backbone adapter, loaded through diffusers' ``Flux2KleinPipeline``.
+"""FLUX.2-Klein-base: the real backbone, loaded through diffusers' ``Flux2KleinPipeline``.
 
 Klein-*base* is the undistilled Klein (the one to fine-tune): real CFG with the empty prompt as
 negative, no guidance embedding (the pipeline passes ``guidance=None``). Prompts are the

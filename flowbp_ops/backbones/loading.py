@@ -2,7 +2,7 @@
 
 A real base model is resolved once by the ``base_model`` stage: a hub id is pinned to the
 commit it resolves to (and downloaded into the hub cache), an S3 prefix is fetched, a local
-folder is used in place; each is checked to be the pipeline class its adapter expects and
+folder is used in place; each is checked to be the pipeline class its backbone loads and
 recorded in ``<world_dir>/backbone.json``. Every later stage loads from that record, so a
 rerun never silently picks up a newer upload.
 """
@@ -33,7 +33,7 @@ def implementation_class(kind: str):
 
 
 def check_pipeline(index: Path, kind: str) -> str:
-    """``model_index.json`` names the pipeline class the adapter loads (and, for FLUX.2, an undistilled
+    """``model_index.json`` names the pipeline class the backbone loads (and, for FLUX.2, an undistilled
     Klein), or a clear error before any weight is downloaded."""
     if not index.exists():
         raise ConfigError(f"{index.parent} has no model_index.json: base_model.source must be a whole diffusers "
@@ -108,7 +108,7 @@ def resolve_base_model(source: str, revision: str | None, kind: str, world_dir: 
 def load_backbone(kind: str, world_dir: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
                   resolution: int | None = None, max_sequence_length: int | None = None, disk_cache: bool = True,
                   embeddings: str | Path | None = None, text_encoders: bool = True):
-    """The adapter of ``kind``: the default world's model, or the real pipeline the record pins (at the
+    """The backbone ``kind``: the default world's model, or the real pipeline the record pins (at the
     record's settings unless given here). Prompt embeddings are cached in ``embeddings`` (by default
     ``<world_dir>/embeddings/<kind>`` for a real pipeline, memory for the default world; ``disk_cache=False``:
     memory only, for a served model whose folder may be read-only). ``text_encoders=False``: the model is loaded

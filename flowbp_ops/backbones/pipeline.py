@@ -1,11 +1,11 @@
-"""What the real backbone adapters share: a diffusers pipeline loaded for training, cached prompts, real CFG.
+"""What the real backbones share: a diffusers pipeline loaded for training, cached prompts, real CFG.
 
 The pipeline comes from ``from_pretrained`` (a hub id with a pinned revision, or a local
 folder) in the chosen dtype and device; the VAE is put back in float32 (bf16 decoding bands
 the images) and every module but the transformer is frozen. Prompt embeddings are cached per
 prompt, keyed by backbone, source, revision, dtype and text length. Real CFG uses the empty
 prompt as negative; FLUX.1 (embedded guidance) overrides ``conditioning``. Images decode in
-float32 to [0, 1]; each adapter says how its latents become the VAE's (``_vae_latents``).
+float32 to [0, 1]; each backbone says how its latents become the VAE's (``_vae_latents``).
 ``text_encoders=False`` loads the pipeline without them (``text_encoder*=None``: T5-XXL and Qwen3 are most of
 a pipeline's memory) and reads every prompt from the embeddings the ``prompt_embeddings`` stage wrote.
 """
@@ -47,7 +47,7 @@ class PipelineBackbone:
     default_max_sequence_length: int
 
     def __init_subclass__(cls, **kwargs):
-        """An adapter names its backbone; its pipeline class and LoRA targets are that row of the backbone table."""
+        """A subclass names its backbone; its pipeline class and LoRA targets are that row of the backbone table."""
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
             from flowbp_ops.backbones.table import get_backbone, lora_targets
@@ -78,7 +78,7 @@ class PipelineBackbone:
                                                    f"{self.max_sequence_length}", read_only=not text_encoders)
 
     def check(self, source: str | Path) -> None:
-        """Refuse a loaded pipeline this adapter cannot train (before it is moved to the device)."""
+        """Refuse a loaded pipeline this backbone cannot train (before it is moved to the device)."""
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""Stable Diffusion 3.5 Medium: the real backbone adapter, loaded through diffusers.
+"""Stable Diffusion 3.5 Medium: the real backbone, loaded through diffusers.
 
 ``StableDiffusion3Pipeline.from_pretrained`` (a hub id with a pinned revision, or a local
 directory) provides the transformer, the VAE and the three text encoders (CLIP-L, CLIP-G,

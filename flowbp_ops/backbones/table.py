@@ -86,7 +86,9 @@ BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in [
                  hub_id="black-forest-labs/FLUX.2-klein-base-9B",
                  eval_steps=50, guidance=4.0, batch=dict(zip(_B, (4, 4, 4, 4, 4, 4, 2, 2, 2))),
                  micro_batches={"draft_lv": 2}, tiny="flowbp_ops.backbones.tiny:tiny_flux2_pipeline",
-                 pipeline_class="Flux2KleinPipeline", lora_targets=_FLUX2_LORA,
+                 # the 9B models carry the FLUX non-commercial licence (accepted on the hub; a check of an
+                 # ungated repo passes all the same)
+                 pipeline_class="Flux2KleinPipeline", lora_targets=_FLUX2_LORA, gated=True,
                  cfg_grad_compensate=("flowbp_lagrange",),
                  refuse={"is_distilled": "a step-distilled Klein (no CFG): fine-tune the base model, e.g. "
                                          "hf://black-forest-labs/FLUX.2-klein-base-9B"}),

@@ -62,11 +62,11 @@ def evaluation(params: Params, method: str, tracker=None) -> dict:
 def _evaluation(params: Params, method: str, tracker) -> dict:
     import torch
 
-    from flowbp_ops.adapters import load_trained
     from flowbp_ops.backbones.table import get_backbone, judge_for
     from flowbp_ops.rewards.base import get_reward
     from flowbp_ops.rollout_store import load_rollouts
     from flowbp_ops.sampling import generate
+    from flowbp_ops.trained_weights import load_trained
 
     p, r, e = paths(params), params.rollouts, params.eval
     summary = verified_variant(params, method)

@@ -80,13 +80,13 @@ def base_model(params: Params, progress: Callable | None = None) -> dict:
                               b.model_dump(include={"dtype", "resolution", "max_sequence_length"}))
 
 
-def backbone_of(params: Params, adapter: Path | None = None, *, from_embeddings: bool = False,
+def backbone_of(params: Params, weights: Path | None = None, *, from_embeddings: bool = False,
                 embeddings: Path | None = None):
     """The base model the settings pin (the default world's, or a real pipeline), with trained weights if given.
     ``from_embeddings``: without its text encoders, every prompt read from the ``prompt_embeddings`` stage's
     sealed folder (what training, the base rollouts and evaluation load); ``embeddings``: encode into that folder."""
-    from flowbp_ops.adapters import load_trained
     from flowbp_ops.backbones.loading import load_backbone
+    from flowbp_ops.trained_weights import load_trained
 
     b = params.base_model
     if from_embeddings:
@@ -97,8 +97,8 @@ def backbone_of(params: Params, adapter: Path | None = None, *, from_embeddings:
     bb = load_backbone(params.train.backbone, params.world_dir, device=params.device, dtype=b.dtype,
                        resolution=b.resolution, max_sequence_length=b.max_sequence_length, embeddings=embeddings,
                        text_encoders=not from_embeddings)
-    if adapter is not None:
-        load_trained(bb, adapter)
+    if weights is not None:
+        load_trained(bb, weights)
     return bb
 
 

@@ -104,8 +104,8 @@ def trained_variant(params: Params, method: str, tracker=None, tags: dict | None
 
 def _write_variant(params: Params, method: str, trainer, rows: list[dict], summary: dict) -> dict:
     """The variant folder, whole or not at all: weights (LoRA adapter or transformer), per-step metrics, summary."""
-    from flowbp_ops.adapters import save_trained
     from flowbp_ops.storage import sha256_of
+    from flowbp_ops.trained_weights import save_trained
 
     with atomic_path(paths(params).variant(method)) as tmp:
         save_trained(trainer.backbone, trainer.cfg.finetune, tmp / "weights", trainer.trained_state())
@@ -127,6 +127,9 @@ def verified_variant(params: Params, method: str) -> dict:
         raise FileNotFoundError(f"{summary_file} not found: train the variant first (trained_variant[{method}])")
     summary = json.loads(summary_file.read_text())
     weights = p.variant(method) / "weights"
+    if not weights.exists() and (p.variant(method) / "adapter").exists():
+        raise IntegrityError(f"{p.variant(method)} was written by an earlier flowbp (adapter/, now weights/): "
+                             f"retrain the variant (flowbp stage trained_variant --method {method})")
     if not weights.exists() or sha256_of(weights) != summary.get("weights_sha256"):
         raise IntegrityError(f"{weights} differs from the checksum in {summary_file} (corrupt or replaced): retrain "
                              f"the variant (flowbp stage trained_variant --method {method}) or restore it "

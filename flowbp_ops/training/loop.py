@@ -1,4 +1,4 @@
-"""The training loop: any method preset on any backbone adapter and reward, on one process or many.
+"""The training loop: any method preset on any backbone and reward, on one process or many.
 
 One optimizer step: the method's plan (one draw, the same on every process), then for each
 micro-batch of this process (``training.batches``): its prompts and noise, the surrogate step
@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
+from flowbp_ops.backbones.table import get_backbone
 from flowbp_ops.methods import get_method
 from flowbp_ops.policy.config import get_policy, is_policy
 from flowbp_ops.rewards.base import get_reward
@@ -88,6 +89,7 @@ class Trainer:
         if cfg.numerics == "authors":  # timesteps in bf16, and the Euler steps between them
             self.sigmas = torch.from_numpy(self.sigmas).to(torch.bfloat16).double().numpy()
         self.eval_prompts = (eval_prompts or [])[: cfg.ema_eval_prompts]
+        self.sample_prompts = (eval_prompts or [])[: cfg.checkpoint_samples]  # drawn at every checkpoint
         self.judge = judge  # a held-out judge (``judge.metrics(images, prompts)``) for the EMA evaluations
         self.device = getattr(backbone, "device", torch.device("cpu"))
         # reward models live where the images are decoded
@@ -185,11 +187,12 @@ class Trainer:
         every checkpoint); every process takes part (FSDP2 gathers weights in the forward)."""
         from flowbp_ops.sampling import generate
 
-        prompts = self.eval_prompts[: self.cfg.checkpoint_samples]
-        if not prompts:
+        if not self.sample_prompts:
             return None
+        batch = get_backbone(self.cfg.backbone).eval_batch  # 512² real images: a few at a time
         with self.evaluated_weights():
-            return generate(self.backbone, prompts, self.cfg.rollout_steps, self.cfg.guidance, seed=42).float().cpu()
+            return generate(self.backbone, self.sample_prompts, self.cfg.rollout_steps, self.cfg.guidance, seed=42,
+                            batch_size=batch).float().cpu()
 
     def trained_state(self) -> dict[str, torch.Tensor] | None:
         """Under FSDP2 the whole transformer's weights gathered on rank 0 (a collective: every rank calls it; None

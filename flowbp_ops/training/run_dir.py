@@ -55,7 +55,9 @@ class RunDir:
         if ckpt is None:
             return ResumePoint(None, 0, "every checkpoint is damaged", passed)
         meta = json.loads((ckpt / "meta.json").read_text())
-        if base is not None and (not self.base_file.exists() or self.base_file.read_text() != base):
+        if base is not None and not self.base_file.exists():
+            return ResumePoint(None, 0, "the run has no record of its base model (base.json)", passed)
+        if base is not None and self.base_file.read_text() != base:
             return ResumePoint(None, 0, "the base model changed", passed)
         written = {k: meta.get("config", {}).get(k) for k in config}  # compared on what defines the run now
         if written != config:
@@ -78,26 +80,31 @@ class RunDir:
 
         if mode not in ("auto", "resume", "new", "overwrite"):
             raise ValueError(f"RunDir.begin mode {mode!r}: auto, resume, new or overwrite")
-        point = self.resume_point(trainer.cfg.identity(), base, dist)
+        held = self.holds_run() or (self.path / "weights").exists()
+        if mode == "new" and held:
+            raise FileExistsError(f"{self.path} already holds a run (checkpoints up to step {self.last_step()}): "
+                                  "resume it, start it over, or train into another folder")
+        point = (self.resume_point(trainer.cfg.identity(), base, dist) if mode in ("auto", "resume")
+                 else ResumePoint(None, 0, "a new run"))
         if mode == "resume" and point.checkpoint is None:
             raise ConfigError(f"cannot resume {self.path}: {point.reason}; resume with the settings it was started "
                               "with, or start it over")
-        if mode == "new" and (self.holds_run() or (self.path / "weights").exists()):
-            raise FileExistsError(f"{self.path} already holds a run (checkpoints up to step {self.last_step()}): "
-                                  "resume it, start it over, or train into another folder")
-        if mode in ("auto", "resume") and point.checkpoint is not None:
+        if point.checkpoint is not None:
             trainer.restore(point.checkpoint, point.meta)
-        else:
-            if dist.main:
-                self.start(base)
-            point = ResumePoint(None, 0, point.reason if mode == "auto" else "a new run", point.passed_over)
+        elif dist.main and held:  # a folder that holds an earlier run is cleared for the new one
+            self.start(base)
+        elif dist.main:  # any other is only created: nothing that is not a run is ever deleted
+            self._open(base)
         dist.barrier()
         return point
 
     def start(self, base: str | None = None) -> None:
         """Clear the folder for a new run (call only once everything that can refuse has been checked)."""
         remove(self.path)
-        self.path.mkdir(parents=True)
+        self._open(base)
+
+    def _open(self, base: str | None) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
         if base is not None:
             self.base_file.write_text(base)
 

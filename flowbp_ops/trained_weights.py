@@ -1,4 +1,5 @@
-"""Adapters in diffusers' LoRA format: ``pytorch_lora_weights.safetensors`` with ``transformer.`` keys.
+"""A variant's trained weights, saved and loaded: a LoRA adapter in diffusers' format
+(``pytorch_lora_weights.safetensors`` with ``transformer.`` keys), or a fully fine-tuned ``transformer/``.
 
 Saved through the SD3 pipeline's own ``save_lora_weights`` (so SD3 pipelines' ``load_lora_weights``
 read them) and loaded back onto a transformer with diffusers' ``load_lora_adapter``.
@@ -41,7 +42,7 @@ def save_lora(transformer: torch.nn.Module, out_dir: str | Path, adapter_name: s
 def load_lora(transformer: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = "flowbp") -> None:
     path = Path(adapter_dir)
     if not (path / WEIGHT_NAME).exists():
-        raise FileNotFoundError(f"no {WEIGHT_NAME} in {path}: pass the directory `flowbp train` wrote the adapter to")
+        raise FileNotFoundError(f"no {WEIGHT_NAME} in {path}: pass the weights/ folder `flowbp train` wrote")
     transformer.load_lora_adapter(str(path), weight_name=WEIGHT_NAME, use_safetensors=True, prefix="transformer",
                                   adapter_name=adapter_name)
 
@@ -80,7 +81,7 @@ def load_trained(backbone, trained_dir: str | Path) -> None:
         load_lora(backbone.transformer, path)
         return
     if not (path / "transformer" / "config.json").exists():
-        raise FileNotFoundError(f"{path} holds neither {WEIGHT_NAME} nor transformer/: pass the adapter directory "
+        raise FileNotFoundError(f"{path} holds neither {WEIGHT_NAME} nor transformer/: pass the weights/ folder "
                                 "a training run wrote")
     base = backbone.transformer
     cls, dtype, device = type(base), base.dtype, next(base.parameters()).device
@@ -92,5 +93,5 @@ def load_trained(backbone, trained_dir: str | Path) -> None:
         torch.cuda.empty_cache()
     new = cls.from_pretrained(path / "transformer", torch_dtype=dtype, use_safetensors=True)
     backbone.transformer = new.to(device).eval()
-    if hasattr(backbone, "pipe"):  # the real adapters also hand the transformer to their diffusers pipeline
+    if hasattr(backbone, "pipe"):  # the real backbones also hand the transformer to their diffusers pipeline
         backbone.pipe.transformer = backbone.transformer
