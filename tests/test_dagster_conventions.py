@@ -61,3 +61,18 @@ def test_the_instance_settings_are_written_in_one_place(tmp_path):
     assert conf["python_logs"]["managed_python_loggers"] == ["flowbp_ops"]
     assert conf["concurrency"]["pools"]["default_limit"] == 3 and conf["telemetry"]["enabled"] is False
     assert "pipelines.instance" in (ROOT / "scripts" / "install.sh").read_text()
+
+
+def test_a_broken_pipeline_plugin_is_said_and_leaves_the_other_commands(monkeypatch, capsys):
+    import importlib.metadata
+
+    from flowbp_ops.cli import main
+
+    broken = importlib.metadata.EntryPoint("run", "pipelines.no_such_module:add_run_command",
+                                           "flowbp.pipeline_commands")
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [broken])
+    assert main(["methods", "--json"]) == 0  # everything else works
+    capsys.readouterr()
+    assert main(["pipeline", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "does not load" in err and "bash scripts/install.sh" in err and len(err.strip().splitlines()) == 1
