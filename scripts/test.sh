@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install (if needed) and run the whole test suite, offline (about 22 minutes on 2 CPU cores).
+# Install (if needed) and run the whole test suite, offline (about 20 minutes on 2 CPU cores).
 # The pipeline tests start their own S3 endpoint (moto) and MLflow server on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
