@@ -138,11 +138,9 @@ def _torchrun(args: argparse.Namespace, argv: list[str]) -> int | None:
     if nproc < 1:
         raise ValueError(f"--nproc {nproc}: give at least 1 process")
     if getattr(args, "name", None):
-        from flowbp_ops.stages.graph import BY_NAME, distributed_stages
+        from flowbp_ops.stages.graph import require_distributed
 
-        if not BY_NAME[args.name].distributed:
-            raise ValueError(f"--nproc: stage {args.name} runs in one process; only {', '.join(distributed_stages())} "
-                             "(and train) run on several")
+        require_distributed(args.name)
     _check_layout(args, nproc * int(str(nnodes or 1).split(":")[-1]))
     worker_argv = _without_launch_args(argv)  # the workers are already launched (and torchrun's parser would
     return distributed.launch(                # take an abbreviation like --nproc for one of its own options)

@@ -33,7 +33,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
 def _stage(args: argparse.Namespace, pipes) -> int:
     from flowbp_ops.methods import ALL_METHODS
-    from flowbp_ops.stages.graph import BY_NAME, distributed_stages
+    from flowbp_ops.stages.graph import BY_NAME, require_distributed
     from flowbp_ops.stages.runner import PipesLog, report, run_stage
     from flowbp_ops.store import from_env
     from flowbp_ops.surrogate.config import ConfigError
@@ -43,9 +43,8 @@ def _stage(args: argparse.Namespace, pipes) -> int:
     params = _params(args, pipes)
     if stage.per_method and args.method not in ALL_METHODS:
         raise ConfigError(f"stage {args.name} needs --method, one of {', '.join(ALL_METHODS)}")
-    if distributed.under_torchrun() and not stage.distributed:
-        raise ConfigError(f"stage {args.name} runs in one process: only {', '.join(distributed_stages())} run under "
-                          "torchrun / --nproc")
+    if distributed.under_torchrun():
+        require_distributed(args.name)
     dist, device = distributed.setup(params.device) if stage.distributed else (distributed.Dist(), None)
     try:
         pipes = pipes if dist.main else None  # one process reports to Dagster

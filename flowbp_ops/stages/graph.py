@@ -19,6 +19,8 @@ from typing import Callable
 
 import yaml
 
+from flowbp_ops.uris import scheme
+
 
 @dataclass(frozen=True)
 class Link:
@@ -133,8 +135,14 @@ JOB_DESCRIPTIONS = {"prepare": "prompt sets, reward models, base model, prompt e
                     "variant": "train and evaluate one method", "compare_and_promote": "compare the methods, promote"}
 
 
-def distributed_stages() -> list[str]:
-    return [s.name for s in STAGES if s.distributed]
+def require_distributed(name: str) -> None:
+    """Refuse several processes (torchrun, ``--nproc``) for a stage that runs in one."""
+    if not BY_NAME[name].distributed:
+        from flowbp_ops.surrogate.config import ConfigError
+
+        runs = ", ".join(s.name for s in STAGES if s.distributed)
+        raise ConfigError(f"stage {name} runs in one process: only {runs} (and flowbp train) run under torchrun / "
+                          "--nproc")
 
 
 def sections(stage: Stage) -> list[str]:
@@ -151,9 +159,7 @@ def _templates(stage: Stage, item: str | None, params=None, product: bool = Fals
     without its resumable working state (what a downstream stage may read)."""
     outs = stage.outs
     if stage.outs_by_source and params is not None and params.base_model.source != "default":
-        source = params.base_model.source
-        outs = stage.outs_by_source["hf" if source.startswith("hf://") else "s3" if source.startswith("s3://")
-                                    else "local"]
+        outs = stage.outs_by_source.get(scheme(params.base_model.source), stage.outs_by_source["local"])
     paths = [p for p in list(outs) + list(stage.metrics) + list(stage.plots)
              if not (product and p in stage.persist)]
     return [p.replace("${item}", item) for p in paths] if item else paths

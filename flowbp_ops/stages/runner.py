@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from flowbp_ops.locks import stage_lock
 from flowbp_ops.params import Params
-from flowbp_ops.stages.graph import BY_NAME, Stage, distributed_stages, resumable_transfers, stage_transfers
+from flowbp_ops.stages.graph import BY_NAME, Stage, require_distributed, resumable_transfers, stage_transfers
 from flowbp_ops.surrogate.config import ConfigError
 
 # stdlib logging: Dagster shows these records in a run's event log when its instance lists "flowbp_ops" among
@@ -53,9 +53,8 @@ def run_stage(name: str, params: Params, method: str | None = None, *, tracker=N
         raise ConfigError(f"stage {name} needs a method, one of {', '.join(params.methods)}")
     if not stage.per_method and method:
         raise ConfigError(f"stage {name} is not per method: drop the method")
-    if dist.active and not stage.distributed:
-        raise ConfigError(f"stage {name} runs in one process: only {', '.join(distributed_stages())} run under "
-                          "torchrun / --nproc")
+    if dist.active:
+        require_distributed(name)
     label = name + (f"[{method}]" if method else "")
     offered: dict[str, Any] = {"tracker": tracker, "tags": tags, "dist": dist, "callbacks": callbacks,
                                "progress": log_progress(name)}

@@ -91,6 +91,7 @@ class Trainer:
         self.eval_prompts = (eval_prompts or [])[: cfg.ema_eval_prompts]
         self.sample_prompts = (eval_prompts or [])[: cfg.checkpoint_samples]  # drawn at every checkpoint
         self.judge = judge  # a held-out judge (``judge.metrics(images, prompts)``) for the EMA evaluations
+        self._evaluated: tuple[int, torch.Tensor] | None = None  # (step, images) of the last EMA evaluation
         self.device = getattr(backbone, "device", torch.device("cpu"))
         # reward models live where the images are decoded
         reward_kwargs = {"device": self.device, **(reward_kwargs or {})}
@@ -164,6 +165,7 @@ class Trainer:
 
         with self.evaluated_weights():
             images = generate(self.backbone, self.eval_prompts, self.cfg.rollout_steps, self.cfg.guidance, seed=42)
+            self._evaluated = (self.step, images)
             out = {"ema_eval/reward": float(self.reward(images, self.eval_prompts).mean())}
             out.update({f"ema_eval/{n}": float(h(images, self.eval_prompts).mean()) for n, h in self.heldout.items()})
             if self.judge is not None:
@@ -189,6 +191,9 @@ class Trainer:
 
         if not self.sample_prompts:
             return None
+        n = len(self.sample_prompts)
+        if self._evaluated and self._evaluated[0] == self.step and len(self._evaluated[1]) >= n:
+            return self._evaluated[1][:n].float().cpu()  # this step's EMA evaluation drew them (same prompts, noise)
         batch = get_backbone(self.cfg.backbone).eval_batch  # 512² real images: a few at a time
         with self.evaluated_weights():
             return generate(self.backbone, self.sample_prompts, self.cfg.rollout_steps, self.cfg.guidance, seed=42,
